@@ -1,0 +1,105 @@
+"""Configuration: YAML files layered over each other, then environment overrides.
+
+One loader for every entry point (both jobs, the tools, the local-service scripts), so an
+operator sets a value once and every part of the product sees the same one.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
+ENV_PREFIX = "RECO__"
+ENV_FILES = "RECO_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as it is."""
+
+
+class Config(dict):
+    """A nested dict with dotted look-ups: ``cfg.get_path("kafka.topics.transactions")``."""
+
+    def get_path(self, dotted: str, default: Any = ...) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                if default is ...:
+                    raise ConfigError(f"missing configuration value {dotted!r}: set it in a config "
+                                      f"file or as {ENV_PREFIX}{dotted.upper().replace('.', '__')}")
+                return default
+            node = node[part]
+        return node
+
+    def path(self, dotted: str) -> Path:
+        """A filesystem path value, resolved against the repository root when relative."""
+        value = Path(str(self.get_path(dotted)))
+        return value if value.is_absolute() else REPO_ROOT / value
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        """A copy with dotted keys set, e.g. ``{"kafka.bootstrap_servers": "b:9092"}``."""
+        merged = Config(copy.deepcopy(dict(self)))
+        for dotted, value in overrides.items():
+            _set_path(merged, dotted.split("."), value)
+        return merged
+
+
+def load_config(files: list[str | Path] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then each file in ``files`` (or ``$RECO_CONFIG``), then ``RECO__*`` variables."""
+    env = os.environ if env is None else env
+    if files is None:
+        files = [f for f in env.get(ENV_FILES, "").split(",") if f.strip()]
+    merged: dict = {}
+    for path in [DEFAULT_CONFIG, *files]:
+        _deep_merge(merged, _read_yaml(Path(path)))
+    for name, raw in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+            _set_path(merged, keys, _parse_scalar(raw))
+    return Config(merged)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (check {ENV_FILES})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _set_path(node: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[keys[-1]] = value
+
+
+def _parse_scalar(raw: str) -> Any:
+    """``"8"`` -> 8, ``"true"`` -> True, ``"[a, b]"`` -> list; anything unparseable stays a string."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
