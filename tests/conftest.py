@@ -53,18 +53,27 @@ def _services(cfg):
             services[key].stop()
 
 
+def _alive(service):
+    """The service, or a test failure naming it (never a hang) when it died mid-session."""
+    from infra.process import ServiceError
+
+    try:
+        service.check()
+    except ServiceError as err:
+        pytest.fail(f"local service down: {err}", pytrace=False)
+    return service
+
+
 @pytest.fixture
 def kafka_broker(_services, cfg):
     """The running broker (checked alive); its bootstrap address is cfg's."""
-    _services["kafka"].check()
-    return _services["kafka"]
+    return _alive(_services["kafka"])
 
 
 @pytest.fixture
 def dynamodb_endpoint(_services):
     """The running DynamoDB endpoint (checked alive)."""
-    _services["dynamodb"].check()
-    return _services["dynamodb"]
+    return _alive(_services["dynamodb"])
 
 
 @pytest.fixture(scope="session")
