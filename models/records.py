@@ -1,0 +1,225 @@
+"""The recommendation record: one format, one writer, for the batch and the streaming job.
+
+A record is a customer's ranked top-k at a point in time. It goes to the recommendations topic
+(JSON value, key = customer_id) and to the DynamoDB table (one item per customer_id). Both sinks
+order records by (last_event_ms, computed_at_ms): the table refuses, by a conditional write, any
+record older than the one it holds, so a late or replayed write never hides a newer result, and
+writing the same record twice is harmless. The schemas are documented in docs/schemas.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from models.config import Config
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+def iso_utc(ms: int | None) -> str | None:
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds and a Z."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class RecommendationRecord:
+    customer_id: str
+    product_ids: list[str]
+    scores: list[float]
+    model_version: str
+    strategy: str                      # "personalized" or "popularity"
+    last_event_ms: int | None          # newest purchase the record reflects
+    computed_at_ms: int
+    source: str                        # "batch" or "stream"
+    source_offsets: dict[str, int] | None = None   # "topic-partition" -> newest offset reflected
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def order_key(self) -> tuple[int, int]:
+        return (self.last_event_ms or 0, self.computed_at_ms)
+
+    def to_message(self) -> dict:
+        """The JSON document published on the recommendations topic."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "customer_id": self.customer_id,
+            "recommendations": [{"rank": rank, "product_id": pid, "score": round(float(score), 6)}
+                                for rank, (pid, score) in enumerate(zip(self.product_ids, self.scores), 1)],
+            "strategy": self.strategy,
+            "model_version": self.model_version,
+            "last_event_time": iso_utc(self.last_event_ms),
+            "last_event_ms": self.last_event_ms,
+            "computed_at": iso_utc(self.computed_at_ms),
+            "computed_at_ms": self.computed_at_ms,
+            "source": self.source,
+            "source_offsets": self.source_offsets,
+            **self.extra,
+        }
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_message(), separators=(",", ":")).encode()
+
+    def to_item(self) -> dict:
+        """The DynamoDB item (boto3 resource-style values: Decimal for numbers)."""
+        message = self.to_message()
+        item = {
+            "customer_id": self.customer_id,
+            "recommendations": [{"rank": r["rank"], "product_id": r["product_id"],
+                                 "score": Decimal(str(r["score"]))} for r in message["recommendations"]],
+            "strategy": self.strategy,
+            "model_version": self.model_version,
+            "last_event_ms": self.last_event_ms or 0,
+            "computed_at": message["computed_at"],
+            "computed_at_ms": self.computed_at_ms,
+            "source": self.source,
+            "schema_version": SCHEMA_VERSION,
+        }
+        if message["last_event_time"]:
+            item["last_event_time"] = message["last_event_time"]
+        if self.source_offsets:
+            item["source_offsets"] = json.dumps(self.source_offsets, sort_keys=True)
+        for key, value in self.extra.items():
+            item[key] = _to_dynamo_value(value)
+        return item
+
+
+def _to_dynamo_value(value):
+    if isinstance(value, float):
+        return Decimal(str(round(value, 6)))
+    if isinstance(value, list):
+        return [_to_dynamo_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_dynamo_value(v) for k, v in value.items()}
+    return value
+
+
+def build_records(customer_ids: Sequence[str], item_idx: np.ndarray, scores: np.ndarray,
+                  item_ids: np.ndarray, model_version: str, strategies: Sequence[str],
+                  last_event_ms: Sequence[int | None], source: str,
+                  source_offsets: Sequence[dict | None] | None = None,
+                  computed_at_ms: int | None = None) -> list[RecommendationRecord]:
+    """Records from the scoring output (rows aligned with ``customer_ids``; -1 pads short lists)."""
+    computed = computed_at_ms or now_ms()
+    records = []
+    for row, customer_id in enumerate(customer_ids):
+        valid = item_idx[row] >= 0
+        records.append(RecommendationRecord(
+            customer_id=str(customer_id),
+            product_ids=[str(p) for p in item_ids[item_idx[row][valid]]],
+            scores=[float(s) for s in scores[row][valid]],
+            model_version=model_version, strategy=strategies[row],
+            last_event_ms=None if last_event_ms[row] is None else int(last_event_ms[row]),
+            computed_at_ms=computed, source=source,
+            source_offsets=None if source_offsets is None else source_offsets[row]))
+    return records
+
+
+@dataclass
+class WriteSummary:
+    topic_records: int = 0
+    table_written: int = 0
+    table_skipped_stale: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.topic_records:,} records to the topic, {self.table_written:,} table items written, "
+                f"{self.table_skipped_stale:,} skipped as older than the stored one")
+
+
+class RecordWriter:
+    """Publishes records to the recommendations topic and/or the DynamoDB table."""
+
+    def __init__(self, cfg: Config, to_topic: bool = True, to_table: bool = True, threads: int = 8):
+        self.cfg = cfg
+        self.topic = str(cfg.get_path("kafka.topics.recommendations"))
+        self.table_name = str(cfg.get_path("dynamodb.table"))
+        self.threads = threads
+        self._producer = self._make_producer() if to_topic else None
+        self._table = self._make_table() if to_table else None
+
+    def _make_producer(self):
+        from kafka import KafkaProducer
+
+        from models.clients import kafka_options
+
+        return KafkaProducer(**kafka_options(self.cfg), acks="all", linger_ms=20,
+                             retries=5, max_block_ms=30000)
+
+    def _make_table(self):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        from models.clients import _BOTO_TIMEOUTS
+
+        endpoint = self.cfg.get_path("dynamodb.endpoint_url", None)
+        kwargs = {"region_name": self.cfg.get_path("dynamodb.region", "us-east-1"),
+                  "config": BotoConfig(max_pool_connections=max(10, self.threads * 2), **_BOTO_TIMEOUTS)}
+        if endpoint:
+            kwargs.update(endpoint_url=endpoint, aws_access_key_id=self.cfg.get_path("aws.access_key_id", "local"),
+                          aws_secret_access_key=self.cfg.get_path("aws.secret_access_key", "local"))
+        return boto3.resource("dynamodb", **kwargs).Table(self.table_name)
+
+    def write(self, records: Iterable[RecommendationRecord]) -> WriteSummary:
+        records = list(records)
+        summary = WriteSummary()
+        if self._producer is not None:
+            for record in records:
+                self._producer.send(self.topic, key=record.customer_id.encode(), value=record.to_json_bytes())
+            self._producer.flush(timeout=60)
+            summary.topic_records = len(records)
+        if self._table is not None and records:
+            with ThreadPoolExecutor(self.threads) as pool:
+                outcomes = list(pool.map(self._put_if_newer, records))
+            summary.table_written = sum(outcomes)
+            summary.table_skipped_stale = len(outcomes) - summary.table_written
+        return summary
+
+    def _put_if_newer(self, record: RecommendationRecord) -> bool:
+        """Conditional put: only if the table holds nothing for the customer or something older."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._table.put_item(
+                Item=record.to_item(),
+                ConditionExpression="attribute_not_exists(customer_id) OR last_event_ms < :e "
+                                    "OR (last_event_ms = :e AND computed_at_ms <= :c)",
+                ExpressionAttributeValues={":e": record.last_event_ms or 0, ":c": record.computed_at_ms})
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=30)
+
+
+def read_table_item(cfg: Config, customer_id: str) -> dict | None:
+    """The stored record of one customer (for the lookup tool and the tests)."""
+    from models.clients import dynamodb_client
+
+    response = dynamodb_client(cfg).get_item(TableName=str(cfg.get_path("dynamodb.table")),
+                                             Key={"customer_id": {"S": str(customer_id)}}, ConsistentRead=True)
+    item = response.get("Item")
+    if item is None:
+        return None
+    from boto3.dynamodb.types import TypeDeserializer
+
+    deserializer = TypeDeserializer()
+    return {key: deserializer.deserialize(value) for key, value in item.items()}
