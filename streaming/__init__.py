@@ -1,0 +1,1 @@
+"""The streaming scorer: Kafka purchase events in, refreshed top-k recommendations out."""

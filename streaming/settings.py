@@ -1,0 +1,69 @@
+"""The ``streaming`` config section, read once and checked, so a typo fails at start-up."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.config import Config, ConfigError
+
+_UNITS_MS = {"ms": 1, "millisecond": 1, "s": 1000, "sec": 1000, "second": 1000, "m": 60_000,
+             "min": 60_000, "minute": 60_000, "h": 3_600_000, "hour": 3_600_000, "d": 86_400_000,
+             "day": 86_400_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
+
+
+def duration_ms(value, name: str = "duration") -> int:
+    """``"2 seconds"``, ``"90 days"``, ``"500ms"``, ``"1h"`` or a number of seconds -> milliseconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not a duration; write e.g. '2 seconds' or '90 days'")
+    if isinstance(value, (int, float)):
+        return int(value * 1000)
+    match = _DURATION.match(str(value).lower())
+    unit = (match.group(2) or "s") if match else None
+    if unit not in _UNITS_MS and unit and unit.endswith("s"):
+        unit = unit[:-1]  # plurals: "seconds", "days"
+    if not match or unit not in _UNITS_MS:
+        raise ConfigError(f"{name}: {value!r} is not a duration; write e.g. '2 seconds' or '90 days'")
+    return int(float(match.group(1)) * _UNITS_MS[unit])
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    k: int
+    trigger_interval_ms: int
+    checkpoint_dir: Path
+    state_ttl_ms: int
+    exclude_purchased: bool
+    starting_offsets: str
+    max_offsets_per_trigger: int | None
+    model_poll_interval_ms: int
+    transactions_topic: str
+    dead_letter_topic: str
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "StreamingSettings":
+        checkpoint = Path(str(cfg.get_path("streaming.checkpoint_dir")))
+        if not checkpoint.is_absolute() and "://" not in str(checkpoint):
+            checkpoint = cfg.path("run_dir") / checkpoint
+        starting = str(cfg.get_path("streaming.starting_offsets"))
+        if starting not in ("earliest", "latest") and not starting.startswith("{"):
+            raise ConfigError(f"streaming.starting_offsets: {starting!r} must be earliest, latest "
+                              "or a JSON offsets object")
+        cap = cfg.get_path("streaming.max_offsets_per_trigger", None)
+        k = int(cfg.get_path("streaming.k"))
+        if k < 1:
+            raise ConfigError(f"streaming.k: {k} must be at least 1")
+        return cls(
+            k=k,
+            trigger_interval_ms=duration_ms(cfg.get_path("streaming.trigger_interval"), "streaming.trigger_interval"),
+            checkpoint_dir=checkpoint,
+            state_ttl_ms=duration_ms(cfg.get_path("streaming.state_ttl"), "streaming.state_ttl"),
+            exclude_purchased=bool(cfg.get_path("streaming.exclude_purchased")),
+            starting_offsets=starting,
+            max_offsets_per_trigger=None if cap in (None, "", 0) else int(cap),
+            model_poll_interval_ms=duration_ms(cfg.get_path("streaming.model_poll_interval"),
+                                               "streaming.model_poll_interval"),
+            transactions_topic=str(cfg.get_path("kafka.topics.transactions")),
+            dead_letter_topic=str(cfg.get_path("kafka.topics.dead_letter")),
+        )
