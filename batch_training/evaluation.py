@@ -8,7 +8,8 @@ Data frames:
 - events: ``user int, item int, quantity double, event_time timestamp (nullable)``; ``user`` and
   ``item`` are the job's dense indices of ``customer_id`` and ``product_id`` (index before
   splitting). Only purchases count: rows with a quantity <= 0 (returns) are dropped and a null
-  quantity counts as 1.
+  quantity counts as 1. Events become pairs as in ``batch_training.data.aggregate``: ``count`` is
+  the number of purchase rows (``count_mode="rows"``) or the summed quantity (``"quantity"``).
 - pairs (implicit feedback): ``user int, item int, count double, last_time timestamp``, one row
   per (user, item) (``last_time``, the latest purchase, is null when unknown).
 Test pairs carry one more column, ``repurchase boolean``: the customer also bought the item in train.
@@ -43,6 +44,7 @@ from batch_training.metrics import (PADDING, catalog_coverage, intra_list_divers
 USER, ITEM, COUNT, LAST_TIME, REPURCHASE = "user", "item", "count", "last_time", "repurchase"
 QUANTITY, EVENT_TIME = "quantity", "event_time"
 SPLIT_METHODS = ("random", "time")
+COUNT_MODES = ("rows", "quantity")
 
 
 class Csr(NamedTuple):
@@ -67,18 +69,22 @@ class ItemPopularity:
 # ----------------------------------------------------------------------------------------- splits
 
 def holdout_split(events_or_pairs, method: str = "random", test_fraction: float = 0.2,
-                  seed: int = 42):
+                  seed: int = 42, count_mode: str = "rows"):
     """Per-customer holdout (protocol in the module docstring): ``(train_pairs, test_pairs)``."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if method not in SPLIT_METHODS:
         raise ValueError(f"unknown split method {method!r}: use one of {SPLIT_METHODS}")
+    if count_mode not in COUNT_MODES:
+        raise ValueError(f"unknown count_mode {count_mode!r}: use one of {COUNT_MODES}")
     kind = _frame_kind(events_or_pairs)
     if method == "random":
-        pairs = _pairs_of(events_or_pairs) if kind == "pairs" else _events_to_pairs(events_or_pairs)
+        pairs = _pairs_of(events_or_pairs) if kind == "pairs" \
+            else _aggregate_events(_clean_events(events_or_pairs), count_mode)
         return _random_split(pairs, test_fraction, seed)
-    events = _pairs_as_events(events_or_pairs) if kind == "pairs" else _clean_events(events_or_pairs)
-    return _time_split(events, test_fraction)
+    if kind == "pairs":     # one event per pair whose quantity is its count: summing keeps counts
+        return _time_split(_pairs_as_events(events_or_pairs), test_fraction, "quantity")
+    return _time_split(_clean_events(events_or_pairs), test_fraction, count_mode)
 
 
 def kfold_splits(pairs, k: int = 5, seed: int = 42) -> Iterator[tuple]:
@@ -143,11 +149,12 @@ def _pairs_as_events(pairs):
     return _pairs_of(pairs).select(USER, ITEM, F.col(COUNT).alias(QUANTITY), F.col(LAST_TIME).alias(EVENT_TIME))
 
 
-def _events_to_pairs(events):
+def _aggregate_events(events, count_mode: str):
+    """One pair per (user, item): purchase rows or summed quantity, and the latest purchase time."""
     from pyspark.sql import functions as F
 
-    return (_clean_events(events).groupBy(USER, ITEM)
-            .agg(F.sum(QUANTITY).alias(COUNT), F.max(EVENT_TIME).alias(LAST_TIME)))
+    count = F.count(F.lit(1)) if count_mode == "rows" else F.sum(QUANTITY)
+    return events.groupBy(USER, ITEM).agg(count.cast("double").alias(COUNT), F.max(EVENT_TIME).alias(LAST_TIME))
 
 
 def _ranked_per_user(pairs, seed: int):
@@ -173,20 +180,16 @@ def _random_split(pairs, test_fraction: float, seed: int):
     return train, test
 
 
-def _time_split(events, test_fraction: float):
+def _time_split(events, test_fraction: float, count_mode: str):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     micros = F.unix_micros(F.col(EVENT_TIME))
     cutoff = F.percentile(micros, F.lit(1.0 - test_fraction)).over(Window.partitionBy(USER))
     flagged = events.withColumn("_test", F.coalesce(micros > cutoff, F.lit(False)))
-
-    def as_pairs(frame):
-        return frame.groupBy(USER, ITEM).agg(F.sum(QUANTITY).alias(COUNT), F.max(EVENT_TIME).alias(LAST_TIME))
-
-    train = as_pairs(flagged.where(~F.col("_test")))
+    train = _aggregate_events(flagged.where(~F.col("_test")), count_mode)
     bought_in_train = train.select(USER, ITEM, F.lit(True).alias(REPURCHASE))
-    test = (as_pairs(flagged.where(F.col("_test")))
+    test = (_aggregate_events(flagged.where(F.col("_test")), count_mode)
             .join(bought_in_train, [USER, ITEM], "left")
             .select(*_PAIR_COLUMNS, F.coalesce(F.col(REPURCHASE), F.lit(False)).alias(REPURCHASE)))
     return train, test

@@ -105,7 +105,10 @@ def _events_frame(spark, rng: np.random.Generator, n_users: int = 120, n_items: 
 
 def test_time_holdout_holds_out_each_customers_latest_purchases(spark):
     events, frame = _events_frame(spark, np.random.default_rng(9))
-    train, test = (part.toPandas() for part in holdout_split(events, "time", test_fraction=0.2))
+    train, test = (part.toPandas() for part in holdout_split(events, "time", test_fraction=0.2,
+                                                             count_mode="quantity"))
+    # Counting purchase rows (the data module's default) must split the same events.
+    rows_test = holdout_split(events, "time", test_fraction=0.2)[1].toPandas()
     purchases = frame[frame["quantity"] > 0]
     last_train_time = train.groupby("user")["last_time"].max()
     for user, own in purchases.groupby("user"):
@@ -115,6 +118,8 @@ def test_time_holdout_holds_out_each_customers_latest_purchases(spark):
         expected_test = timed[later].groupby("item")["quantity"].sum()
         got_test = test[test["user"] == user].set_index("item")["count"]
         assert got_test.sort_index().to_dict() == expected_test.sort_index().to_dict(), user
+        rows_counts = rows_test[rows_test["user"] == user].set_index("item")["count"]
+        assert rows_counts.sort_index().to_dict() == timed[later].groupby("item").size().sort_index().to_dict()
         # ...and the rest is train, so each test event is later than each train event.
         expected_train = pd.concat([timed[~later], own[own["event_time"].isna()]]).groupby("item")["quantity"].sum()
         got_train = train[train["user"] == user].set_index("item")["count"]
@@ -127,6 +132,15 @@ def test_time_holdout_holds_out_each_customers_latest_purchases(spark):
     assert merged["repurchase"].any() and not merged["repurchase"].all()
     share = test["count"].sum() / purchases["quantity"].sum()
     assert 0.1 < share < 0.35, share
+
+
+def test_random_holdout_of_events_splits_purchase_pairs(spark):
+    events, frame = _events_frame(spark, np.random.default_rng(4))
+    train, test = (part.toPandas() for part in holdout_split(events, "random", count_mode="rows"))
+    purchases = frame[frame["quantity"] > 0]
+    rows_per_pair = purchases.groupby(["user", "item"]).size()   # the return row counts nowhere
+    both = pd.concat([train, test]).set_index(["user", "item"])["count"]
+    assert both.sort_index().to_dict() == rows_per_pair.sort_index().to_dict()
 
 
 def test_kfold_puts_every_pair_in_exactly_one_test_fold(spark):
