@@ -1,7 +1,8 @@
 """The tools users meet: the replay producer, topic tails, the table lookup (and the demo).
 
 Each is a ``python -m tools.<name>`` command with exit codes a script can rely on:
-0 success, 1 nothing found, 2 bad arguments or input, 3 a service that cannot be reached.
+0 success, 1 nothing found, 2 bad arguments or input, 3 a service that cannot be reached,
+130 interrupted by Ctrl-C.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ EXIT_OK = 0
 EXIT_NOTHING = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130   # Ctrl-C, as shells report it
 
 
 class ServiceUnreachable(RuntimeError):

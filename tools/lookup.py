@@ -56,7 +56,8 @@ def format_item(item: dict) -> str:
     recs = sorted(item.get("recommendations") or [], key=lambda r: r.get("rank", 0))
     last_event = item.get("last_event_time") or iso_utc(item.get("last_event_ms") or None) or "-"
     lines = [f"customer {item.get('customer_id')}: {len(recs)} recommendations "
-             f"({item.get('strategy', '?')}, model {item.get('model_version', '?')}, from the {item.get('source', '?')} job)",
+             f"({item.get('strategy', '?')}, model {item.get('model_version', '?')}, "
+             f"from the {item.get('source', '?')} job)",
              f"  newest purchase reflected: {last_event}; computed at {item.get('computed_at', '-')}"]
     lines += [f"  {r.get('rank', i):>3}. {r.get('product_id')}  {float(r.get('score') or 0):.4f}"
               for i, r in enumerate(recs, 1)]

@@ -5,7 +5,8 @@ partition). Paced by a token bucket (``--rate``) or as fast as the broker takes 
 malformed events and duplicates so the streaming job's dead-letter and de-duplication paths can
 be watched working. ``replay()`` is the same thing as a function, for the tests and the demo.
 
-Exit codes: 0 done, 2 bad arguments or input file, 3 the broker cannot be reached.
+Exit codes: 0 done, 2 bad arguments or input file, 3 the broker cannot be reached,
+130 interrupted (Ctrl-C; the summary of what was sent is still printed).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from models.config import Config, ConfigError, load_config
-from tools import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable, bootstrap_options,
-                   kafka_unreachable, quiet_client_logs)
+from tools import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable,
+                   bootstrap_options, kafka_unreachable, quiet_client_logs)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ReplaySummary:
     malformed: Counter = field(default_factory=Counter)   # injected malformed events by kind
     skipped: Counter = field(default_factory=Counter)     # input rows not sent, by reason
     elapsed_s: float = 0.0
+    interrupted: bool = False          # stopped by Ctrl-C; what was sent is still counted
 
     @property
     def malformed_total(self) -> int:
@@ -84,6 +86,8 @@ class ReplaySummary:
                                                              for kind, count in sorted(self.malformed.items())))
         if self.failed:
             lines.append(f"NOT ACKNOWLEDGED by the broker: {self.failed:,} messages")
+        if self.interrupted:
+            lines.append("interrupted before the end of the input")
         return "\n".join(lines)
 
 
@@ -416,6 +420,8 @@ def replay(cfg: Config, rows: Iterable[Mapping[str, Any]] | pd.DataFrame, rate: 
             if duplicate_share and rng.random() < duplicate_share:
                 send(customer, value)
                 summary.duplicates += 1
+    except KeyboardInterrupt:
+        summary.interrupted = True
     finally:
         bar.close()
         _flush(cfg, producer, close=own_producer)
@@ -512,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {summary.failed} messages were not acknowledged by the broker at "
               f"{cfg.get_path('kafka.bootstrap_servers')}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    return EXIT_OK
+    return EXIT_INTERRUPTED if summary.interrupted else EXIT_OK
 
 
 if __name__ == "__main__":

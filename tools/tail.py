@@ -158,10 +158,12 @@ def make_consumer(cfg: Config, topic: str, from_beginning: bool, connect_timeout
 
     from models.clients import kafka_options
 
+    options = bootstrap_options(KafkaConsumer, connect_timeout_s)
+    if "allow_auto_create_topics" in KafkaConsumer.DEFAULT_CONFIG:
+        options["allow_auto_create_topics"] = False   # a mistyped topic must not be created by looking
     try:
         return KafkaConsumer(topic, **kafka_options(cfg), group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest" if from_beginning else "latest",
-                             **bootstrap_options(KafkaConsumer, connect_timeout_s))
+                             auto_offset_reset="earliest" if from_beginning else "latest", **options)
     except KafkaError as err:
         raise kafka_unreachable(cfg, err) from None
 
