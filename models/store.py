@@ -1,0 +1,365 @@
+"""The versioned model store: a local folder or ``s3://bucket/prefix``.
+
+Layout under the root::
+
+    versions/<version>/item_factors.npy, user_factors.npy, items.parquet, users.parquet,
+                       user_items.parquet, metadata.json
+    CURRENT            {"version": ..., "published_at": ...}
+
+``metadata.json`` is written last and lists every other file with its size and sha256, so a
+version whose writer died half-way is recognisable as incomplete. ``set_current`` re-reads and
+verifies a version before switching the pointer, and switches it in one step (rename locally,
+one PutObject on S3), so readers see either the old or the new model, never a broken one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from models.artifact import ModelArtifact, ModelValidationError, utc_now_iso
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.json"
+POINTER = "CURRENT"
+VERSIONS = "versions"
+FORMAT_VERSION = 1
+
+
+class ModelStoreError(RuntimeError):
+    """The store cannot be read or written (missing bucket, permissions, an existing version)."""
+
+
+class ModelLoadError(ModelStoreError):
+    """A version that cannot be used: missing, incomplete, corrupted or inconsistent."""
+
+
+# -- backends ---------------------------------------------------------------------------------
+class LocalBackend:
+    """Files under a folder; every write is a temp file renamed into place."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def describe(self, key: str = "") -> str:
+        return str(self.root / key) if key else str(self.root)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> Optional[bytes]:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        """Names of the entries directly under ``prefix`` (files and folders)."""
+        folder = self.root / prefix
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+    def tag(self, key: str) -> Optional[str]:
+        try:
+            stat = (self.root / key).stat()
+        except FileNotFoundError:
+            return None
+        return f"{stat.st_mtime_ns}-{stat.st_size}-{stat.st_ino}"
+
+
+class S3Backend:
+    """Objects under ``s3://bucket/prefix`` through boto3."""
+
+    def __init__(self, bucket: str, prefix: str, client):
+        self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def describe(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> Optional[bytes]:
+        response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return None if response is None else response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        return self.tag(key) is not None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._key(prefix).rstrip("/") + "/"
+        names: set[str] = set()
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/")
+        for page in self._call("list", prefix, lambda: list(pages)) or []:
+            names.update(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+            names.update(o["Key"][len(base):] for o in page.get("Contents", []))
+        return sorted(n for n in names if n)
+
+    def tag(self, key: str) -> Optional[str]:
+        response = self._call("read", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return None if response is None else response["ETag"]
+
+    def _call(self, action: str, key: str, method, **kwargs):
+        """Run a boto3 call; a missing object is None, every other failure a ModelStoreError."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(**kwargs)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            if code == "NoSuchBucket":
+                raise ModelStoreError(f"bucket {self.bucket!r} does not exist ({self.describe(key)}): "
+                                      "create it or fix model_store.uri") from err
+            raise ModelStoreError(f"cannot {action} {self.describe(key)}: {code} {err}; check the "
+                                  "credentials and model_store.s3_endpoint_url") from err
+        except BotoCoreError as err:
+            raise ModelStoreError(f"cannot {action} {self.describe(key)}: {err}; is the S3 endpoint "
+                                  "reachable (model_store.s3_endpoint_url)?") from err
+
+
+# -- the store --------------------------------------------------------------------------------
+class ModelStore:
+    """Write, verify, publish and load model versions (see the module docstring)."""
+
+    def __init__(self, uri: str, s3_client=None):
+        self.uri = str(uri)
+        if self.uri.startswith("s3://"):
+            bucket, _, prefix = self.uri[len("s3://"):].partition("/")
+            if not bucket:
+                raise ModelStoreError(f"model store uri {self.uri!r} names no bucket: use s3://bucket/prefix")
+            if s3_client is None:
+                import boto3
+                s3_client = boto3.client("s3")
+            self.backend = S3Backend(bucket, prefix, s3_client)
+        else:
+            path = self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri
+            self.backend = LocalBackend(Path(path))
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelStore":
+        """The store at ``model_store.uri`` (a folder, relative to the repository, or s3://)."""
+        uri = str(cfg.get_path("model_store.uri"))
+        if "{run_dir}" in uri:
+            uri = uri.replace("{run_dir}", str(cfg.path("run_dir")))
+        if uri.startswith("s3://"):
+            from models.clients import s3_client
+            return cls(uri, s3_client(cfg))
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        return cls(str(path if path.is_absolute() else cfg.path("model_store.uri")))
+
+    def __repr__(self) -> str:
+        return f"ModelStore({self.uri!r})"
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, artifact: ModelArtifact) -> str:
+        """Write a new version (metadata last); an existing complete version is never replaced."""
+        try:
+            artifact.validate()
+        except ModelValidationError as err:
+            raise ModelStoreError(f"refusing to write version {artifact.version!r} to {self.uri}: {err}") from err
+        folder = f"{VERSIONS}/{artifact.version}"
+        if self.backend.exists(f"{folder}/{METADATA}"):
+            raise ModelStoreError(f"version {artifact.version} already exists at "
+                                  f"{self.backend.describe(folder)}: versions are immutable, "
+                                  "write the model under a new version (models.artifact.new_version())")
+        files = _encode_files(artifact)
+        for name, data in files.items():
+            self.backend.put_bytes(f"{folder}/{name}", data)
+        metadata = _metadata(artifact, files)
+        self.backend.put_bytes(f"{folder}/{METADATA}", json.dumps(metadata, indent=2, sort_keys=True).encode())
+        log.info("model version %s written to %s (%d items, %d users, rank %d)", artifact.version,
+                 self.backend.describe(folder), artifact.n_items, artifact.n_users, artifact.rank)
+        return artifact.version
+
+    def set_current(self, version: str) -> None:
+        """Make ``version`` current after verifying it completely; the switch is one atomic write."""
+        try:
+            self.load(version)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"refusing to make version {version} current in {self.uri}: {err}") from err
+        pointer = {"version": version, "published_at": utc_now_iso()}
+        self.backend.put_bytes(POINTER, json.dumps(pointer).encode())
+        log.info("model version %s is now current in %s", version, self.uri)
+
+    def publish(self, artifact: ModelArtifact) -> str:
+        """``write`` then ``set_current``; returns the version."""
+        version = self.write(artifact)
+        self.set_current(version)
+        return version
+
+    # -- reading ---------------------------------------------------------------------------
+    def current_pointer(self) -> Optional[dict]:
+        """The CURRENT pointer ({"version", "published_at"}), or None before the first publish."""
+        raw = self.backend.get_bytes(POINTER)
+        if raw is None:
+            return None
+        try:
+            pointer = json.loads(raw)
+            str(pointer["version"])
+        except (ValueError, TypeError, KeyError):
+            raise ModelLoadError(f"the current-model pointer {self.backend.describe(POINTER)} is not valid "
+                                 "JSON with a 'version': publish a model again to rewrite it") from None
+        return pointer
+
+    def current_version(self) -> Optional[str]:
+        pointer = self.current_pointer()
+        return None if pointer is None else str(pointer["version"])
+
+    def current_pointer_etag(self) -> Optional[str]:
+        """A cheap tag of the pointer (no download) that changes whenever a model is published."""
+        return self.backend.tag(POINTER)
+
+    def list_versions(self) -> list[str]:
+        """Versions with metadata (oldest first: names sort by creation time)."""
+        return sorted(v for v in self.backend.list(VERSIONS)
+                      if self.backend.exists(f"{VERSIONS}/{v}/{METADATA}"))
+
+    def load_metadata(self, version: str) -> dict:
+        """The parsed metadata.json of ``version`` (no file verification)."""
+        key = f"{VERSIONS}/{version}/{METADATA}"
+        raw = self.backend.get_bytes(key)
+        if raw is None:
+            raise ModelLoadError(f"model version {version} is missing or incomplete: "
+                                 f"{self.backend.describe(key)} does not exist")
+        try:
+            metadata = json.loads(raw)
+        except ValueError as err:
+            raise ModelLoadError(f"model version {version}: {self.backend.describe(key)} is not valid JSON "
+                                 f"({err})") from None
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("files"), dict):
+            raise ModelLoadError(f"model version {version}: {self.backend.describe(key)} lists no files")
+        return metadata
+
+    def load(self, version: Optional[str] = None) -> ModelArtifact:
+        """Load and verify ``version`` (None = the current one); ModelLoadError names the problem."""
+        if version is None:
+            version = self.current_version()
+            if version is None:
+                raise ModelLoadError(f"no current model in {self.uri}: run the batch job to publish one")
+        metadata = self.load_metadata(version)
+        if metadata.get("version") != version:
+            raise ModelLoadError(f"model version {version} in {self.uri}: its metadata.json names version "
+                                 f"{metadata.get('version')!r}; the folder was copied or renamed by hand")
+        files = {name: self._verified_file(version, name, entry) for name, entry in metadata["files"].items()}
+        try:
+            return _decode(metadata, files).validate()
+        except ModelValidationError as err:
+            raise ModelLoadError(f"model version {version} in {self.uri} is inconsistent: {err}") from None
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise ModelLoadError(f"model version {version} in {self.uri} cannot be decoded: "
+                                 f"{type(err).__name__}: {err}") from None
+
+    def _verified_file(self, version: str, name: str, entry: dict) -> bytes:
+        key = f"{VERSIONS}/{version}/{name}"
+        data = self.backend.get_bytes(key)
+        if data is None:
+            raise ModelLoadError(f"model version {version} is incomplete: {self.backend.describe(key)} is "
+                                 "missing; publish another version")
+        if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise ModelLoadError(f"model version {version} is corrupted: {self.backend.describe(key)} has "
+                                 f"{len(data)} bytes and a checksum that do not match metadata.json "
+                                 f"({entry.get('size')} bytes); publish another version")
+        return data
+
+
+# -- encoding ---------------------------------------------------------------------------------
+def _encode_files(artifact: ModelArtifact) -> dict[str, bytes]:
+    import pandas as pd
+
+    indptr, indices, counts = artifact.user_items
+    user_of_entry = np.repeat(np.arange(artifact.n_users, dtype=np.int32), np.diff(indptr))
+    return {
+        "item_factors.npy": _npy(artifact.item_factors),
+        "user_factors.npy": _npy(artifact.user_factors),
+        "items.parquet": _parquet(pd.DataFrame({"item_index": np.arange(artifact.n_items, dtype=np.int32),
+                                                "product_id": artifact.item_ids,
+                                                "popularity": artifact.popularity})),
+        "users.parquet": _parquet(pd.DataFrame({"user_index": np.arange(artifact.n_users, dtype=np.int32),
+                                                "customer_id": artifact.user_ids})),
+        "user_items.parquet": _parquet(pd.DataFrame({"user_index": user_of_entry, "item_index": indices,
+                                                     "count": counts})),
+    }
+
+
+def _metadata(artifact: ModelArtifact, files: dict[str, bytes]) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "version": artifact.version,
+        "model_type": artifact.model_type,
+        "params": artifact.params,
+        "cutoff_time": artifact.cutoff_time,
+        "stats": artifact.stats,
+        "metrics": artifact.metrics,
+        "created_at": artifact.created_at,
+        "n_items": artifact.n_items,
+        "n_users": artifact.n_users,
+        "rank": artifact.rank,
+        "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                  for name, data in files.items()},
+    }
+
+
+def _decode(metadata: dict, files: dict[str, bytes]) -> ModelArtifact:
+    import pandas as pd
+
+    items = pd.read_parquet(io.BytesIO(files["items.parquet"])).sort_values("item_index")
+    users = pd.read_parquet(io.BytesIO(files["users.parquet"])).sort_values("user_index")
+    pairs = pd.read_parquet(io.BytesIO(files["user_items.parquet"]))
+    n_users = len(users)
+    user_of_entry = pairs["user_index"].to_numpy(np.int64)
+    if len(user_of_entry) and (np.any(np.diff(user_of_entry) < 0) or user_of_entry.max() >= n_users):
+        raise ValueError("user_items.parquet rows are not grouped by a known user_index in order")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(user_of_entry, minlength=n_users))])
+    return ModelArtifact(
+        version=metadata["version"], model_type=metadata["model_type"],
+        item_ids=items["product_id"].to_numpy(), item_factors=_load_npy(files["item_factors.npy"]),
+        user_ids=users["customer_id"].to_numpy(), user_factors=_load_npy(files["user_factors.npy"]),
+        popularity=items["popularity"].to_numpy(np.float64),
+        user_items_indptr=indptr, user_items_indices=pairs["item_index"].to_numpy(np.int32),
+        user_items_counts=pairs["count"].to_numpy(np.float32),
+        params=metadata.get("params") or {}, cutoff_time=metadata.get("cutoff_time"),
+        stats=metadata.get("stats") or {}, metrics=metadata.get("metrics") or {},
+        created_at=metadata.get("created_at") or utc_now_iso())
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _parquet(frame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()

@@ -1,0 +1,195 @@
+"""The versioned model store on a local folder: round trip, publishing, refusing broken versions."""
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from models.artifact import ModelArtifact, new_version
+from models.store import ModelLoadError, ModelStore, ModelStoreError
+
+START = datetime(2026, 11, 27, 3, 15, tzinfo=timezone.utc)
+
+
+def make_artifact(seed: int = 0, version: str | None = None, n_items: int = 40, n_users: int = 25,
+                  rank: int = 4) -> ModelArtifact:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 6, n_users)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([rng.choice(n_items, n, replace=False) for n in lengths]).astype(np.int32)
+    return ModelArtifact(
+        version=version or new_version(START + timedelta(minutes=seed)), model_type="als",
+        item_ids=np.array([f"P{i:04d}" for i in rng.permutation(n_items)]),
+        item_factors=rng.normal(size=(n_items, rank)).astype(np.float32),
+        user_ids=np.array([f"C{i}" for i in range(n_users)]),
+        user_factors=rng.normal(size=(n_users, rank)).astype(np.float32),
+        popularity=rng.integers(0, 50, n_items).astype(np.float64),
+        user_items_indptr=indptr, user_items_indices=indices,
+        user_items_counts=rng.integers(1, 4, indptr[-1]).astype(np.float32),
+        params={"rank": rank, "reg_param": 0.1, "alpha": 1.0, "implicit_prefs": True, "scaling": "log"},
+        cutoff_time="2026-11-26T23:59:00.000Z", stats={"events": 1234}, metrics={"map": 0.12})
+
+
+def assert_same_artifact(loaded: ModelArtifact, original: ModelArtifact) -> None:
+    assert loaded.version == original.version and loaded.model_type == original.model_type
+    np.testing.assert_array_equal(loaded.item_ids, original.item_ids)
+    np.testing.assert_array_equal(loaded.user_ids, original.user_ids)
+    np.testing.assert_array_equal(loaded.item_factors, original.item_factors)
+    np.testing.assert_array_equal(loaded.user_factors, original.user_factors)
+    np.testing.assert_array_equal(loaded.popularity, original.popularity)
+    for got, expected in zip(loaded.user_items, original.user_items):
+        np.testing.assert_array_equal(got, expected)
+    assert (loaded.params, loaded.cutoff_time, loaded.stats, loaded.metrics, loaded.created_at) == \
+        (original.params, original.cutoff_time, original.stats, original.metrics, original.created_at)
+    assert loaded.item_factors.dtype == np.float32 and loaded.popularity.dtype == np.float64
+
+
+@pytest.fixture
+def store(tmp_path) -> ModelStore:
+    return ModelStore(str(tmp_path / "models"))
+
+
+def test_round_trip_keeps_everything(store):
+    artifact = make_artifact()
+    assert store.write(artifact) == artifact.version
+    assert_same_artifact(store.load(artifact.version), artifact)
+    metadata = store.load_metadata(artifact.version)
+    assert set(metadata["files"]) == {"item_factors.npy", "user_factors.npy", "items.parquet",
+                                      "users.parquet", "user_items.parquet"}
+    assert store.current_version() is None, "write alone must not publish"
+
+
+def test_publish_switches_current(store):
+    first, second = make_artifact(1), make_artifact(2)
+    assert store.current_pointer_etag() is None
+    store.publish(first)
+    tag = store.current_pointer_etag()
+    assert store.current_version() == first.version
+    assert_same_artifact(store.load(), first)
+    store.publish(second)
+    assert store.current_version() == second.version and store.current_pointer_etag() != tag
+    assert_same_artifact(store.load(), second)
+    assert store.current_pointer()["published_at"].endswith("Z")
+
+
+def test_load_without_current_names_the_store(store):
+    with pytest.raises(ModelLoadError, match="no current model in .*models"):
+        store.load()
+
+
+def test_existing_version_is_never_overwritten(store):
+    artifact = make_artifact(3)
+    store.write(artifact)
+    with pytest.raises(ModelStoreError, match="already exists"):
+        store.write(make_artifact(4, version=artifact.version))
+    assert_same_artifact(store.load(artifact.version), artifact)
+
+
+def _version_dir(store: ModelStore, version: str):
+    return store.backend.root / "versions" / version
+
+
+def _missing_file(folder):
+    (folder / "user_factors.npy").unlink()
+
+
+def _truncated_file(folder):
+    path = folder / "item_factors.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def _same_size_other_bytes(folder):
+    path = folder / "items.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _no_metadata(folder):
+    (folder / "metadata.json").unlink()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_missing_file, "incomplete: .*user_factors.npy is missing"),
+    (_truncated_file, "corrupted: .*item_factors.npy"),
+    (_same_size_other_bytes, "corrupted: .*items.parquet"),
+    (_no_metadata, "missing or incomplete: .*metadata.json does not exist"),
+])
+def test_a_damaged_version_is_never_made_current(store, damage, message):
+    good, bad = make_artifact(5), make_artifact(6)
+    store.publish(good)
+    store.write(bad)
+    damage(_version_dir(store, bad.version))
+    with pytest.raises(ModelLoadError, match=message):
+        store.load(bad.version)
+    with pytest.raises(ModelLoadError, match=f"refusing to make version {bad.version} current"):
+        store.set_current(bad.version)
+    assert store.current_version() == good.version
+    assert_same_artifact(store.load(), good)
+
+
+def test_inconsistent_content_with_valid_checksums_is_refused(store):
+    artifact = make_artifact(7)
+    store.write(artifact)
+    folder = _version_dir(store, artifact.version)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["version"] = "20990101T000000Z-000000"
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelLoadError, match="names version"):
+        store.set_current(artifact.version)
+
+
+def test_invalid_artifact_is_not_written(store):
+    artifact = make_artifact(8)
+    artifact.user_factors = artifact.user_factors[:-1]
+    with pytest.raises(ModelStoreError, match="user_factors has 24 rows"):
+        store.write(artifact)
+    assert store.list_versions() == []
+
+
+def test_versions_are_listed_oldest_first_and_incomplete_ones_left_out(store):
+    versions = [store.write(make_artifact(seed)) for seed in (30, 10, 20)]
+    broken = make_artifact(40)
+    store.write(broken)
+    _no_metadata(_version_dir(store, broken.version))
+    assert store.list_versions() == sorted(versions)
+    assert store.list_versions()[0] == versions[1]
+
+
+def test_from_config_resolves_a_relative_folder(cfg, tmp_path):
+    store = ModelStore.from_config(cfg.with_overrides({"model_store.uri": str(tmp_path / "m")}))
+    assert store.backend.root == tmp_path / "m"
+    relative = ModelStore.from_config(cfg.with_overrides({"model_store.uri": "{run_dir}/models-x"}))
+    assert relative.backend.root == cfg.path("run_dir") / "models-x"
+
+
+def test_pointer_switch_is_atomic_for_concurrent_readers(store):
+    """Readers polling CURRENT while versions are published only ever see a whole pointer."""
+    versions = [store.write(make_artifact(seed, n_items=5, n_users=3)) for seed in range(2)]
+    store.set_current(versions[0])
+    pointer = store.backend.root / "CURRENT"
+    seen: list[bytes | str] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(pointer.read_bytes())
+            except OSError as err:   # a pointer missing even for an instant is a failure too
+                seen.append(repr(err))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(30):
+            store.set_current(versions[(i + 1) % 2])
+    finally:
+        stop.set()
+        thread.join()
+    assert len(seen) > 30
+    assert {json.loads(raw)["version"] for raw in seen} == set(versions)
+    assert store.current_version() == versions[0]
+    assert not [p for p in pointer.parent.iterdir() if p.name.startswith(".")], "temp files left behind"
