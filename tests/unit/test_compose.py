@@ -40,17 +40,42 @@ def _app_services(services) -> dict:
     return {name: s for name, s in services.items() if s.get("build", {}).get("dockerfile") == "docker/Dockerfile"}
 
 
+SHELL_SEPARATORS = {";", "||", "&&", "|"}
+
+
 def _command_words(service: dict) -> list[str]:
+    """The command as words; a ``sh -c`` script split into words too, ";" between its lines."""
     command = service.get("command") or []
     words = shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
     if words[:2] == ["sh", "-c"] or words[:2] == ["bash", "-c"]:
-        words = words[:2] + shlex.split(" ".join(words[2:]).replace(";", " ; "))
+        script = " ".join(words[2:]).replace("$$", "$").replace(";", " ; ").replace("\n", " ; ")
+        words = words[:2] + shlex.split(script)
     return words
 
 
-def _python_modules(service: dict) -> list[str]:
+def _python_invocations(service: dict) -> list[tuple[str, list[str]]]:
+    """(module, its arguments) of every ``python -m module ...`` in the command."""
     words = _command_words(service)
-    return [words[i + 2] for i in range(len(words) - 2) if words[i] in ("python", "python3") and words[i + 1] == "-m"]
+    found = []
+    for i in range(len(words) - 2):
+        if words[i] in ("python", "python3") and words[i + 1] == "-m":
+            rest = words[i + 3:]
+            end = next((j for j, w in enumerate(rest) if w in SHELL_SEPARATORS), len(rest))
+            found.append((words[i + 2], rest[:end]))
+    return found
+
+
+def _python_modules(service: dict) -> list[str]:
+    return [module for module, _ in _python_invocations(service)]
+
+
+def _module_source(module: str) -> Path | None:
+    """The file that parses a module's command line: module.py or package/__main__.py."""
+    target = REPO_ROOT.joinpath(*module.split("."))
+    for candidate in (target.with_suffix(".py"), target / "__main__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _dockerfile(path: Path) -> list[tuple[str, str]]:
@@ -171,6 +196,20 @@ def test_python_module_commands_name_existing_modules(services):
                 assert target.with_suffix(".py").is_file() or module.split(".")[0] in MAIN_PENDING, \
                     f"{name}: python -m {module}: no such module in the repository"
     assert {"infra", "batch_training", "streaming", "tools.replay"} <= set(seen)
+
+
+def test_command_options_are_declared_by_the_modules_they_are_passed_to(services):
+    checked = 0
+    for name, service in services.items():
+        for module, arguments in _python_invocations(service):
+            source = _module_source(module)
+            if source is None:        # a module still being written (see MAIN_PENDING)
+                continue
+            text = source.read_text()
+            for option in (a.split("=")[0] for a in arguments if a.startswith("--")):
+                assert f'"{option}"' in text, f"{name}: python -m {module} does not declare {option}"
+                checked += 1
+    assert checked >= 3
 
 
 def test_depends_on_names_defined_services_and_orders_the_start(services):
