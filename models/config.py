@@ -37,9 +37,15 @@ class Config(dict):
         return node
 
     def path(self, dotted: str) -> Path:
-        """A filesystem path value, resolved against the repository root when relative."""
-        value = Path(str(self.get_path(dotted)))
-        return value if value.is_absolute() else REPO_ROOT / value
+        """A filesystem path value: ``{run_dir}`` filled in, relative paths from the repository root."""
+        return resolve_path(self.text(dotted))
+
+    def text(self, dotted: str) -> str:
+        """A string value with ``{run_dir}`` filled in (for paths that may also be URIs)."""
+        value = str(self.get_path(dotted))
+        if "{run_dir}" in value:
+            value = value.replace("{run_dir}", str(resolve_path(str(self.get_path("run_dir")))))
+        return value
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
         """A copy with dotted keys set, e.g. ``{"kafka.bootstrap_servers": "b:9092"}``."""
@@ -47,6 +53,11 @@ class Config(dict):
         for dotted, value in overrides.items():
             _set_path(merged, dotted.split("."), value)
         return merged
+
+
+def resolve_path(value: str | Path) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def load_config(files: list[str | Path] | None = None,

@@ -42,13 +42,15 @@ def build_spark(cfg: Config, app_name: str, need_kafka: bool = True):
     builder = (builder
                .config("spark.sql.shuffle.partitions", str(cfg.get_path("spark.shuffle_partitions")))
                .config("spark.ui.enabled", str(cfg.get_path("spark.ui_enabled", False)).lower())
+               .config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.sql.execution.arrow.pyspark.enabled", "true"))
     for key, value in (cfg.get_path("spark.extra_conf", {}) or {}).items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(str(cfg.get_path("spark.log_level", "WARN")))
-    checkpoint_dir = cfg.get_path("spark.checkpoint_dir", None) or str(cfg.path("run_dir") / "spark-checkpoints")
+    checkpoint_dir = (str(cfg.path("spark.checkpoint_dir")) if cfg.get_path("spark.checkpoint_dir", None)
+                      else str(cfg.path("run_dir") / "spark-checkpoints"))
     spark.sparkContext.setCheckpointDir(str(checkpoint_dir))
     log.info("Spark %s session %r on %s", spark.version, app_name, spark.sparkContext.master)
     return spark

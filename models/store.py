@@ -24,6 +24,8 @@ from typing import Optional
 
 import numpy as np
 
+from models.config import resolve_path
+
 from models.artifact import ModelArtifact, ModelValidationError, utc_now_iso
 
 log = logging.getLogger(__name__)
@@ -165,14 +167,11 @@ class ModelStore:
     @classmethod
     def from_config(cls, cfg) -> "ModelStore":
         """The store at ``model_store.uri`` (a folder, relative to the repository, or s3://)."""
-        uri = str(cfg.get_path("model_store.uri"))
-        if "{run_dir}" in uri:
-            uri = uri.replace("{run_dir}", str(cfg.path("run_dir")))
+        uri = cfg.text("model_store.uri")
         if uri.startswith("s3://"):
             from models.clients import s3_client
             return cls(uri, s3_client(cfg))
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-        return cls(str(path if path.is_absolute() else cfg.path("model_store.uri")))
+        return cls(str(resolve_path(uri[len("file://"):] if uri.startswith("file://") else uri)))
 
     def __repr__(self) -> str:
         return f"ModelStore({self.uri!r})"

@@ -1,0 +1,383 @@
+"""The batch training job: raw transactions in, a published model and top-k for every customer out.
+
+Stages, each logged with counts: read and clean, aggregate purchase counts, index ids, split a
+per-customer holdout, select hyperparameters by k-fold cross-validation, evaluate the chosen
+model against the popularity baseline on the holdout, fit on all data, recommend for every
+customer, write the recommendations, and publish the model through the publish gate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batch_training.data import aggregate, index_ids, pair_stats
+from batch_training.datasets import load_events, source_placeholders
+from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
+                                       kfold_splits, popularity_recommendations, relevant_sets, evaluate)
+from batch_training.metrics import ranking_metrics, rmse
+from batch_training.train import (AlsParams, Factors, PairArrays, cross_validate, fit_als, params_grid,
+                                  recommend_users, select_best)
+from models.config import Config
+
+log = logging.getLogger("batch_training")
+
+LOWER_IS_BETTER = {"rmse"}
+
+
+class PublishRefused(RuntimeError):
+    """The publish gate kept the current model; the message says why."""
+
+
+@dataclass
+class BatchResult:
+    version: str | None
+    published: bool
+    params: AlsParams
+    metrics: dict[str, Any]
+    stats: dict[str, Any]
+    output_dir: Path
+    recommendations_written: int
+    gate_reason: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Stages:
+    """Wall time per stage, for the log and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._started = 0.0
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._started = name, time.perf_counter()
+        log.info("== %s", name)
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = time.perf_counter() - self._started
+            log.info("   %s took %.1f s", self._name, self.seconds[self._name])
+            self._name = None
+
+
+def als_params_from_config(cfg: Config) -> AlsParams:
+    values = dict(cfg.get_path("batch.als", {}) or {})
+    unknown = set(values) - set(AlsParams.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown batch.als setting(s) {sorted(unknown)}: use {sorted(AlsParams.__dataclass_fields__)}")
+    return AlsParams(**values)
+
+
+def run(cfg: Config, spark=None) -> BatchResult:
+    """Run the whole job as configured; raises PublishRefused when the gate keeps the current model."""
+    from models.spark import build_spark
+
+    spark = spark or build_spark(cfg, "reco-batch-training", need_kafka=bool(cfg.get_path("batch.write_topic", False)))
+    stages = _Stages()
+    k = int(cfg.get_path("batch.k", 10))
+    exclude = bool(cfg.get_path("batch.exclude_purchased", True))
+    base = als_params_from_config(cfg)
+    metric = str(cfg.get_path("batch.selection_metric", "map" if base.implicit_prefs else "rmse"))
+
+    stages.start("read and clean")
+    data_cfg = cfg.get_path("data")
+    events, report = load_events(spark, data_cfg, source_placeholders(cfg))
+    events = events.cache()
+    if report.clean_rows == 0:
+        raise ValueError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")
+
+    stages.start("aggregate")
+    pairs = aggregate(events, str(data_cfg.get("count_mode", "rows"))).cache()
+    stats = pair_stats(pairs)
+    stats.update(raw_rows=report.raw_rows, clean_rows=report.clean_rows, dropped=report.dropped_by_reason)
+    log.info("%s customer-product pairs, %s customers, %s products", f"{stats['pairs']:,}",
+             f"{stats['customers']:,}", f"{stats['products']:,}")
+    log.info("purchase counts per pair: mean %.2f, sd %.2f, max %s", stats["count_mean"], stats["count_sd"],
+             f"{stats['count_max']:,.0f}")
+    indexed, maps = index_ids(pairs)
+    indexed = indexed.cache()
+    n_users, n_items = maps.n_users, maps.n_items
+
+    stages.start("holdout split")
+    method = _split_method(cfg, data_cfg)
+    split_input = indexed if method == "random" else _indexed_events(events, maps)
+    train, test = holdout_split(split_input, method=method,
+                                test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
+                                seed=int(cfg.get_path("batch.holdout.seed", 42)),
+                                count_mode=str(data_cfg.get("count_mode", "rows")))
+    train, test = train.cache(), test.cache()
+    log.info("holdout (%s): train %s pairs, test %s pairs", method, f"{train.count():,}", f"{test.count():,}")
+
+    candidates = params_grid(base, cfg.get_path("batch.grid", {}) or {})
+    if len(candidates) > 1:
+        folds_k = int(cfg.get_path("batch.cv_folds", 5))
+        stages.start(f"cross-validation ({folds_k} folds x {len(candidates)} candidates)")
+        results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), candidates,
+                                 n_users, n_items, _fold_scorer(k, exclude, metric, n_users), metric)
+        chosen = _select(results, metric)
+        cv_summary = [{"params": r.params.as_dict(), f"mean_{metric}": r.mean(metric)} for r in results]
+    else:
+        chosen, cv_summary = base, []
+    log.info("chosen parameters: %s", chosen.label())
+
+    stages.start("evaluation on the holdout")
+    holdout_factors = fit_als(train, chosen, n_users, n_items)
+    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude)
+    metrics["split"] = method
+    metrics["cross_validation"] = cv_summary
+
+    stages.start("final fit on all data")
+    final = fit_als(indexed, chosen, n_users, n_items)
+
+    stages.start(f"top-{k} for every customer")
+    all_pairs = PairArrays.collect(indexed, n_users)
+    item_idx, scores = _recommend_all(spark, cfg, final, all_pairs if exclude else None, k)
+    popularity = item_popularity(indexed, n_items)
+
+    stages.start("write recommendations")
+    customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
+    product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
+    output_dir = _output_dir(cfg)
+    written = _write_recommendations(output_dir, customer_ids, product_ids, item_idx, scores)
+    log.info("recommendations written for %s customers to %s", f"{written:,}", output_dir)
+    _log_example(customer_ids, product_ids, item_idx, scores)
+
+    stages.start("publish")
+    cutoff = events.agg({"event_time": "max"}).first()[0]
+    artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
+                         stats, metrics)
+    result = BatchResult(version=None, published=False, params=chosen, metrics=metrics, stats=stats,
+                         output_dir=output_dir, recommendations_written=written)
+    published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude)
+    result.version, result.published, result.gate_reason = artifact.version, published, reason
+    if published and (cfg.get_path("batch.write_table", False) or cfg.get_path("batch.write_topic", False)):
+        _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, indexed)
+    stages.stop()
+    result.stage_seconds = stages.seconds
+    (output_dir / "run_summary.json").write_text(json.dumps(
+        {"version": artifact.version, "published": published, "gate": reason, "params": chosen.as_dict(),
+         "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
+    for table in (events, pairs, indexed, train, test):
+        table.unpersist()
+    if not published:
+        raise PublishRefused(reason)
+    return result
+
+
+def metric_for_gate(cfg: Config, base: AlsParams) -> str:
+    return str(cfg.get_path("batch.publish.metric", "map" if base.implicit_prefs else "rmse"))
+
+
+def _split_method(cfg: Config, data_cfg: dict) -> str:
+    method = str(cfg.get_path("batch.holdout.method", "auto"))
+    if method == "auto":
+        return "time" if (data_cfg.get("columns") or {}).get("event_time") else "random"
+    return method
+
+
+def _indexed_events(events, maps):
+    return (events.join(maps.customers, "customer_id").join(maps.products, "product_id")
+            .select("user", "item", "quantity", "event_time"))
+
+
+def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int):
+    def score(factors: Factors, train, test) -> dict:
+        if metric == "rmse":
+            return {"rmse": _rmse(factors, test)}
+        users = evaluation_users(test, exclude)
+        purchased = PairArrays.collect(train, n_users) if exclude else None
+        recommended, _ = recommend_users(factors, users, k, purchased)
+        relevant = relevant_sets(test, users, exclude)
+        return ranking_metrics(recommended, relevant.indptr, relevant.indices, k)
+    return score
+
+
+def _select(results, metric: str) -> AlsParams:
+    if metric in LOWER_IS_BETTER:
+        return min(results, key=lambda r: r.mean(metric)).params
+    return select_best(results, metric)
+
+
+def _rmse(factors: Factors, pairs) -> float:
+    frame = pairs.select("user", "item", "count").toPandas()
+    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
+    predicted = np.einsum("ij,ij->i", factors.user_factors[users], factors.item_factors[items])
+    return rmse(predicted, frame["count"].to_numpy(np.float64))
+
+
+def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int, k: int,
+                      exclude_main: bool) -> dict[str, Any]:
+    """Model and popularity on the same split, with purchased items excluded and included."""
+    popularity = item_popularity(train, n_items)
+    purchased = PairArrays.collect(train, n_users)
+    report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main}
+    for exclude in (True, False):
+        users = evaluation_users(test, exclude)
+        relevant = relevant_sets(test, users, exclude)
+        model_recs, _ = recommend_users(factors, users, k, purchased if exclude else None)
+        baseline = popularity_recommendations(train, users, n_items, k, exclude, popularity)
+        table = {"model": evaluate(model_recs, relevant, k, n_items, popularity, factors.item_factors),
+                 "popularity": evaluate(baseline, relevant, k, n_items, popularity, factors.item_factors)}
+        key = "exclude_purchased" if exclude else "include_purchased"
+        report[key] = table
+        log.info("holdout metrics, purchased items %s (%s customers):\n%s",
+                 "excluded" if exclude else "included", f"{users.size:,}", format_metrics_table(table))
+    if not factors.params.implicit_prefs:
+        report["rmse"] = {"train": _rmse(factors, train), "test": _rmse(factors, test)}
+        log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
+    return report
+
+
+def _recommend_all(spark, cfg: Config, factors: Factors, exclude: PairArrays | None, k: int):
+    """Top-k for every customer from the exported factors (blocked products, not recommendForAllUsers)."""
+    from models.scoring import top_k
+
+    users = np.arange(factors.user_factors.shape[0])
+    excluded = exclude.rows(users) if exclude is not None else None
+    return top_k(factors.user_factors, factors.item_factors, k, exclude=excluded)
+
+
+def _ordered_ids(frame, id_column: str, index_column: str, size: int) -> np.ndarray:
+    mapping = frame.toPandas()
+    ids = np.empty(size, dtype=object)
+    ids[mapping[index_column].to_numpy()] = mapping[id_column].astype(str).to_numpy()
+    return ids.astype(str)
+
+
+def _output_dir(cfg: Config) -> Path:
+    path = cfg.path("batch.output_dir")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_recommendations(output_dir: Path, customer_ids: np.ndarray, product_ids: np.ndarray,
+                           item_idx: np.ndarray, scores: np.ndarray) -> int:
+    """recommendations.csv (one row per customer, like the original) and recommendations.parquet."""
+    import pandas as pd
+
+    lists = [[product_ids[i] for i in row if i >= 0] for row in item_idx]
+    score_lists = [[round(float(s), 6) for s, i in zip(srow, row) if i >= 0] for srow, row in zip(scores, item_idx)]
+    frame = pd.DataFrame({"customer_id": customer_ids, "recommendations": lists, "scores": score_lists})
+    frame.to_parquet(output_dir / "recommendations.parquet", index=False)
+    csv = frame.assign(recommendations=[" ".join(x) for x in lists],
+                       scores=[" ".join(f"{s:.6f}" for s in x) for x in score_lists])
+    csv.to_csv(output_dir / "recommendations.csv", index=False)
+    return len(frame)
+
+
+def _log_example(customer_ids, product_ids, item_idx, scores) -> None:
+    if len(customer_ids) == 0:
+        return
+    row = 0
+    ranked = ", ".join(f"{product_ids[i]} ({s:.3f})" for i, s in zip(item_idx[row], scores[row]) if i >= 0)
+    log.info("example: customer %s top-%d: %s", customer_ids[row], item_idx.shape[1], ranked)
+
+
+def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, buyers, pairs: PairArrays,
+              cutoff, stats: dict, metrics: dict):
+    from models.artifact import ModelArtifact, new_version
+
+    cutoff_iso = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z" if cutoff is not None else None
+    artifact = ModelArtifact(
+        version=new_version(), model_type="als", item_ids=product_ids, item_factors=factors.item_factors,
+        user_ids=customer_ids, user_factors=factors.user_factors, popularity=buyers.astype(np.float64),
+        user_items_indptr=pairs.indptr, user_items_indices=pairs.indices, user_items_counts=pairs.counts,
+        params=params.as_dict(), cutoff_time=cutoff_iso, stats=_jsonable(stats), metrics=_jsonable(metrics))
+    artifact.validate()
+    return artifact
+
+
+def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool) -> tuple[bool, str]:
+    """The publish gate: beat popularity by a margin and do not fall behind the current model."""
+    from models.store import ModelLoadError, ModelStore
+
+    store = ModelStore.from_config(cfg)
+    store.write(artifact)
+    if not cfg.get_path("batch.publish.enabled", True):
+        return False, f"publishing disabled (batch.publish.enabled=false); version {artifact.version} written, not current"
+    ok, reason = gate_decision(cfg, metrics, metric, exclude, _current_metrics(store))
+    if ok:
+        store.set_current(artifact.version)
+        log.info("published model %s as current: %s", artifact.version, reason)
+    else:
+        log.error("model %s NOT published, the current model stays: %s", artifact.version, reason)
+    return ok, reason
+
+
+def _current_metrics(store) -> dict | None:
+    from models.store import ModelLoadError
+
+    if store.current_version() is None:
+        return None
+    try:
+        return store.load_metadata(store.current_version()).get("metrics")
+    except ModelLoadError as err:
+        log.warning("the current model cannot be read (%s): the gate compares with popularity only", err)
+        return None
+
+
+def gate_decision(cfg: Config, metrics: dict, metric: str, exclude: bool,
+                  current: dict | None) -> tuple[bool, str]:
+    """Decide from the holdout metrics; ``current`` is the current model's recorded metrics."""
+    table_key = "exclude_purchased" if exclude else "include_purchased"
+    lift = float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1))
+    tolerance = float(cfg.get_path("batch.publish.max_drop_vs_current", 0.1))
+    if metric in LOWER_IS_BETTER:
+        value = metrics.get("rmse", {}).get("test")
+        if value is None:
+            return False, f"the gate metric {metric} was not measured (explicit mode only)"
+        return True, f"test {metric} {value:.4f} (explicit mode has no popularity comparison)"
+    model = metrics[table_key]["model"][metric]
+    baseline = metrics[table_key]["popularity"][metric]
+    if not model >= baseline * (1 + lift) or not np.isfinite(model):
+        return False, (f"{metric}@{metrics['k']} {model:.4f} does not beat popularity {baseline:.4f} by the "
+                       f"required {lift:.0%} (batch.publish.min_lift_over_popularity)")
+    reason = f"{metric}@{metrics['k']} {model:.4f} vs popularity {baseline:.4f} ({model / baseline:.1f}x)" \
+        if baseline > 0 else f"{metric}@{metrics['k']} {model:.4f} vs popularity 0"
+    previous = ((current or {}).get(table_key) or {}).get("model", {}).get(metric)
+    if previous is not None and model < previous * (1 - tolerance):
+        return False, (f"{metric}@{metrics['k']} {model:.4f} is more than {tolerance:.0%} below the current "
+                       f"model's {previous:.4f} (batch.publish.max_drop_vs_current)")
+    if previous is not None:
+        reason += f"; current model had {previous:.4f}"
+    return True, reason
+
+
+def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, scores, indexed) -> None:
+    """Every customer's list to the table and/or topic, through the writer the streaming job uses."""
+    from pyspark.sql import functions as F
+
+    from models.records import RecordWriter, build_records
+
+    last = indexed.groupBy("user").agg(F.max("last_time").alias("t")).toPandas()
+    last_ms = np.full(len(customer_ids), None, dtype=object)
+    last_ms[last["user"].to_numpy()] = [None if t is None or t != t else int(t.timestamp() * 1000)
+                                        for t in last["t"]]
+    records = build_records(customer_ids, item_idx, scores, product_ids, artifact.version,
+                            ["personalized"] * len(customer_ids), list(last_ms), source="batch")
+    writer = RecordWriter(cfg, to_topic=bool(cfg.get_path("batch.write_topic", False)),
+                          to_table=bool(cfg.get_path("batch.write_table", False)))
+    try:
+        summary = writer.write(records)
+    finally:
+        writer.close()
+    log.info("sinks: %s", summary)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    return value

@@ -1,0 +1,172 @@
+"""Spark ML ALS on purchase counts: fitting, factor export, and k-fold model selection.
+
+Counts are implicit feedback: by default ALS runs with implicitPrefs (confidence 1 + alpha * r on
+the transformed count r). Explicit mode (counts treated as ratings, RMSE) is kept only to show
+what the job this product replaced did.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from models.scoring import top_k, transform_counts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlsParams:
+    rank: int = 64
+    reg_param: float = 0.01
+    alpha: float = 1.0
+    scaling: str = "none"          # "none" | "log": how counts become ALS ratings
+    max_iter: int = 10
+    implicit_prefs: bool = True
+    seed: int = 42
+    blocks: int = 4                # user and item blocks; few suit small machines
+
+    def label(self) -> str:
+        mode = f"alpha={self.alpha:g}" if self.implicit_prefs else "explicit"
+        return f"rank={self.rank} reg={self.reg_param:g} {mode} scaling={self.scaling}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Factors:
+    """Dense factor matrices indexed by the job's integer ids (unseen ids get zero rows)."""
+
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    params: AlsParams
+    fit_seconds: float
+
+
+def params_grid(base: AlsParams, grid: dict[str, Iterable[Any]] | None) -> list[AlsParams]:
+    """Every combination of the configured grid values over ``base`` (unknown keys are errors)."""
+    grid = {key: list(values) for key, values in (grid or {}).items() if values is not None}
+    unknown = set(grid) - set(AlsParams.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown ALS grid parameter(s) {sorted(unknown)}; "
+                         f"use {sorted(AlsParams.__dataclass_fields__)}")
+    keys = sorted(grid)
+    return [replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))] \
+        or [base]
+
+
+def with_ratings(pairs, scaling: str):
+    """Add the ALS ``rating`` column from ``count`` the same way models.scoring.transform_counts does."""
+    from pyspark.sql import functions as F
+
+    if scaling == "none":
+        return pairs.withColumn("rating", F.col("count").cast("float"))
+    if scaling == "log":
+        return pairs.withColumn("rating", F.log1p(F.col("count")).cast("float"))
+    raise ValueError(f"unknown count scaling {scaling!r}: use 'none' or 'log'")
+
+
+def fit_als(pairs, params: AlsParams, n_users: int, n_items: int) -> Factors:
+    """Fit ALS on pairs (user, item, count) and export dense factor matrices."""
+    from pyspark.ml.recommendation import ALS
+
+    started = time.perf_counter()
+    als = ALS(rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param,
+              implicitPrefs=params.implicit_prefs, alpha=params.alpha, seed=params.seed,
+              numUserBlocks=params.blocks, numItemBlocks=params.blocks, checkpointInterval=5,
+              userCol="user", itemCol="item", ratingCol="rating", coldStartStrategy="drop")
+    model = als.fit(with_ratings(pairs.select("user", "item", "count"), params.scaling))
+    factors = Factors(user_factors=_dense(model.userFactors, n_users, params.rank),
+                      item_factors=_dense(model.itemFactors, n_items, params.rank),
+                      params=params, fit_seconds=time.perf_counter() - started)
+    log.info("ALS %s fitted in %.1f s", params.label(), factors.fit_seconds)
+    return factors
+
+
+def _dense(factor_df, n_rows: int, rank: int) -> np.ndarray:
+    frame = factor_df.toPandas()
+    dense = np.zeros((n_rows, rank), dtype=np.float32)
+    if len(frame):
+        dense[frame["id"].to_numpy()] = np.stack(frame["features"].to_numpy()).astype(np.float32)
+    return dense
+
+
+@dataclass
+class PairArrays:
+    """A pairs DataFrame collected to the driver as CSR per user (for exclusion and relevance)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def collect(cls, pairs, n_users: int) -> "PairArrays":
+        frame = pairs.select("user", "item", "count").toPandas().sort_values(["user", "item"])
+        users = frame["user"].to_numpy(np.int64)
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.add.at(indptr, users + 1, 1)
+        return cls(np.cumsum(indptr), frame["item"].to_numpy(np.int32), frame["count"].to_numpy(np.float32))
+
+    def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The CSR (indptr, indices) restricted to ``users``, in their order."""
+        starts, ends = self.indptr[users], self.indptr[users + 1]
+        lengths = ends - starts
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(users) else np.array([], int)
+        return indptr, self.indices[take.astype(np.int64)]
+
+
+def recommend_users(factors: Factors, users: np.ndarray, k: int,
+                    exclude: PairArrays | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k for ``users`` from the fitted factors, excluding their training items when asked."""
+    excluded = exclude.rows(users) if exclude is not None else None
+    return top_k(factors.user_factors[users], factors.item_factors, k, exclude=excluded)
+
+
+@dataclass
+class CandidateResult:
+    params: AlsParams
+    fold_metrics: list[dict] = field(default_factory=list)
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean([m[metric] for m in self.fold_metrics])) if self.fold_metrics else float("nan")
+
+
+def cross_validate(folds: list[tuple[Any, Any]], candidates: list[AlsParams], n_users: int, n_items: int,
+                   score_fold: Callable[[Factors, Any, Any], dict], metric: str) -> list[CandidateResult]:
+    """Fit every candidate on every fold's train part; ``score_fold`` evaluates on its test part."""
+    results = [CandidateResult(params) for params in candidates]
+    total = len(folds) * len(candidates)
+    done = 0
+    started = time.perf_counter()
+    for fold_no, (train, test) in enumerate(folds, 1):
+        train = train.cache()
+        for result in results:
+            factors = fit_als(train, result.params, n_users, n_items)
+            metrics = score_fold(factors, train, test)
+            result.fold_metrics.append(metrics)
+            done += 1
+            elapsed = time.perf_counter() - started
+            log.info("CV fold %d/%d candidate %s: %s@k=%.4f  [%d/%d fits, %.0f s elapsed, ~%.0f s left]",
+                     fold_no, len(folds), result.params.label(), metric, metrics[metric], done, total,
+                     elapsed, elapsed / done * (total - done))
+        train.unpersist()
+    for result in sorted(results, key=lambda r: -r.mean(metric)):
+        log.info("CV mean %s@k=%.4f (sd %.4f) for %s", metric, result.mean(metric),
+                 float(np.std([m[metric] for m in result.fold_metrics])), result.params.label())
+    return results
+
+
+def select_best(results: list[CandidateResult], metric: str) -> AlsParams:
+    best = max(results, key=lambda r: (r.mean(metric), -r.params.rank))
+    return best.params
+
+
+def counts_as_ratings(counts: np.ndarray, params: AlsParams) -> np.ndarray:
+    """The rating values ALS saw, for fold-in (same transform as ``with_ratings``)."""
+    return transform_counts(counts, params.scaling)
