@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from infra.process import ServiceError
-from infra.services import all_services
+from infra.services import all_services, optional_services
 from models.clients import ensure_table, ensure_topics
 from models.config import ConfigError, load_config
 from models.logging_setup import setup_logging
@@ -19,20 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["start", "stop", "status", "init"])
-    parser.add_argument("services", nargs="*", choices=["kafka", "dynamodb", []], default=[],
-                        help="which services (default: both)")
+    parser.add_argument("services", nargs="*", choices=["kafka", "dynamodb", "spark", []], default=[],
+                        help="which services (default: kafka and dynamodb; spark = a standalone "
+                             "master and worker for spark-submit)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         cfg = load_config()
-        services = all_services(cfg)
-        chosen = args.services or list(services)
+        services = {**all_services(cfg), **optional_services(cfg)}
+        chosen = args.services or list(all_services(cfg))
         if args.action == "start":
             for key in chosen:
                 service = services[key]
                 started = service.start()
                 print(f"{service.name}: {'started' if started else 'already running'} "
                       f"on {service.proc.host}:{service.port} (log {service.proc.log_file})")
+                if key == "spark":
+                    print(f"  submit with: spark-submit --master {service.master_url} ...")
         if args.action in ("start", "init"):
             init(cfg, chosen)
         elif args.action == "stop":
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def init(cfg, chosen: list[str]) -> None:
+    """Create the topics and the table on the chosen services (both are idempotent)."""
     if "kafka" in chosen:
         created = ensure_topics(cfg)
         print(f"Kafka topics: {', '.join(cfg.get_path('kafka.topics').values())} "

@@ -140,5 +140,62 @@ class DynamoDBEndpoint:
         return self.proc.stop()
 
 
+class SparkStandalone:
+    """A local Spark standalone master and one worker, from the installed pyspark's own jars.
+
+    Not needed by the demo or the tests (they run Spark in-process); it is here to run the jobs
+    with ``spark-submit --master spark://127.0.0.1:7077`` exactly as on a cluster.
+    """
+
+    name = "Spark standalone master"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.port = int(cfg.get_path("spark.local_cluster.port", 7077))
+        home = cfg.path("run_dir") / "spark-standalone"
+        self.proc = ManagedProcess(self.name, home / "master", HOST, self.port)
+        self.worker = ManagedProcess("Spark standalone worker", home / "worker", HOST,
+                                     int(cfg.get_path("spark.local_cluster.worker_port", 7078)))
+
+    @property
+    def master_url(self) -> str:
+        return f"spark://{HOST}:{self.port}"
+
+    def _spark_class(self, *args: str) -> list[str]:
+        import pyspark
+
+        spark_home = Path(pyspark.__file__).parent
+        return [str(spark_home / "bin" / "spark-class"), *args]
+
+    def start(self, timeout: float = 60) -> bool:
+        from infra.process import port_open
+
+        env = {"SPARK_LOG_DIR": str(self.proc.home), "PYSPARK_PYTHON": sys.executable,
+               "SPARK_WORKER_DIR": str(self.worker.home / "work")}
+        started = self.proc.start(self._spark_class("org.apache.spark.deploy.master.Master", "--host", HOST,
+                                                     "--port", str(self.port), "--webui-port", "0"),
+                                  lambda: port_open(HOST, self.port), timeout, env)
+        memory = str(self.cfg.get_path("spark.local_cluster.worker_memory", "4g"))
+        cores = str(self.cfg.get_path("spark.local_cluster.worker_cores", 2))
+        self.worker.start(self._spark_class("org.apache.spark.deploy.worker.Worker", self.master_url,
+                                            "--host", HOST, "--port", str(self.worker.port),
+                                            "--webui-port", "0", "--cores", cores, "--memory", memory),
+                          lambda: port_open(HOST, self.worker.port), timeout, env)
+        return started
+
+    def check(self) -> None:
+        self.proc.check()
+        self.worker.check()
+
+    def stop(self) -> bool:
+        self.worker.stop()
+        return self.proc.stop()
+
+
 def all_services(cfg: Config) -> dict[str, KafkaBroker | DynamoDBEndpoint]:
+    """The services the demo and the tests need (the Spark standalone cluster is started on request)."""
     return {"kafka": KafkaBroker(cfg), "dynamodb": DynamoDBEndpoint(cfg)}
+
+
+def optional_services(cfg: Config) -> dict[str, SparkStandalone]:
+    return {"spark": SparkStandalone(cfg)}
