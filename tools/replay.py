@@ -139,7 +139,7 @@ def _as_id(value: Any) -> str:
 
 
 def iso_utc_text(value: Any) -> str | None:
-    """An event time (text, datetime, numpy/pandas time, epoch s or ms) as ISO-8601 UTC with Z."""
+    """An event time (ISO-8601 text, datetime, numpy/pandas time, epoch s or ms) as ISO-8601 UTC with Z."""
     if _missing(value):
         return None
     moment = _parse_time(value)
@@ -160,14 +160,10 @@ def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         seconds = float(value) / 1000 if abs(float(value)) > 1e11 else float(value)
         return datetime.fromtimestamp(seconds, tz=timezone.utc)
-    text = str(value).strip()
+    # Text must be ISO-8601, as the streaming job requires: "03/04/2025" is ambiguous, not repaired.
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
     except ValueError:
-        pass
-    try:
-        return pd.Timestamp(text).to_pydatetime()
-    except (ValueError, TypeError, OverflowError):
         return None
 
 
@@ -489,7 +485,8 @@ def _input_rows(args: argparse.Namespace) -> tuple[Iterable[Mapping] | pd.DataFr
         except ImportError as err:
             raise InputError(f"--generate needs batch_training.generate, which cannot be imported ({err}); "
                              "pass a transactions file instead") from None
-        frame = generate(args.generate, args.seed)
+        generated = generate(args.generate, args.seed)
+        frame = generated[0] if isinstance(generated, tuple) else generated   # (transactions, products)
         _check_columns(Path("<generated>"), frame.columns)
         return frame, len(frame)
     return read_rows(args.file)

@@ -3,7 +3,8 @@
 recommendations: customer, model version, strategy, top products with scores, newest event
 time, latency (the record's Kafka timestamp minus that event time). dead-letter: reason, where
 the event came from (topic, partition, offset), the original bytes abbreviated. transactions:
-the purchase, or the raw bytes when it is not valid JSON. ``--json`` prints each value as it is.
+the purchase, or the raw bytes when it is not valid JSON. ``--json`` prints each value as it is
+(for the dead letter: the reason and source from the headers, with the original value as text).
 
 Exit codes: 0 records printed (or none, with --allow-empty, when --timeout ran out),
 1 no record matched, 2 bad arguments, 3 the broker cannot be reached.
@@ -79,39 +80,39 @@ def format_recommendation(doc: dict, message, top: int = 5) -> str:
     return "  ".join(parts)
 
 
-def original_bytes(doc: dict) -> bytes | None:
-    """The dead-lettered message's value, whichever way the envelope carries it."""
-    for name in ("value_base64", "value_b64", "original_value_base64"):
-        if isinstance(doc.get(name), str):
+DEAD_LETTER_HEADER_PREFIX = "dlq."
+
+
+def dead_letter(message) -> dict:
+    """A dead-letter message as one flat document, whichever way the reason travels.
+
+    The streaming job keeps the original key and value bytes untouched and puts the reason and
+    the source (topic, partition, offset, timestamp) in ``dlq.*`` headers; a JSON envelope with
+    ``reason`` and ``value`` (or ``value_base64``) is read too.
+    """
+    headers = {name[len(DEAD_LETTER_HEADER_PREFIX):].replace(".", "_"): _text(value)
+               for name, value in (getattr(message, "headers", None) or [])
+               if name.startswith(DEAD_LETTER_HEADER_PREFIX)}
+    if headers:
+        return {**headers, "key": _text(message.key) or None, "value": _text(message.value)}
+    envelope = parse_value(message.value)
+    if isinstance(envelope, dict) and "reason" in envelope:
+        original = envelope.get("value")
+        if isinstance(envelope.get("value_base64"), str):
             try:
-                return base64.b64decode(doc[name], validate=True)
+                original = base64.b64decode(envelope["value_base64"]).decode("utf-8", errors="replace")
             except (binascii.Error, ValueError):
-                return doc[name].encode()
-    for name in ("value", "original_value", "raw_value", "original"):
-        value = doc.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            if str(doc.get("value_encoding", "")).lower() == "base64":
-                try:
-                    return base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError):
-                    pass
-            return value.encode()
-        return json.dumps(value).encode()
-    return None
+                original = envelope["value_base64"]
+        return {**envelope, "key": envelope.get("key") or _text(message.key) or None,
+                "value": original if isinstance(original, str) or original is None else json.dumps(original)}
+    return {"reason": None, "key": _text(message.key) or None, "value": _text(message.value)}
 
 
-def format_dead_letter(doc: dict | None, message) -> str:
-    if not isinstance(doc, dict):
-        return f"{_where(message)} (not a dead-letter envelope) {abbreviate(_text(message.value))}"
-    topic = doc.get("source_topic", "?")
-    partition = doc.get("source_partition", doc.get("partition", "?"))
-    offset = doc.get("source_offset", doc.get("offset", "?"))
-    reason = doc.get("reason") or doc.get("error") or "?"
-    key = doc.get("key") or doc.get("source_key") or _text(message.key)
-    return "  ".join([_where(message), f"reason {reason}", f"from {topic}[{partition}]@{offset}",
-                      f"key {key or '-'}", f"original: {abbreviate(_text(original_bytes(doc)))}"])
+def format_dead_letter(doc: dict, message) -> str:
+    source = (f"from {doc.get('source_topic', '?')}[{doc.get('source_partition', '?')}]"
+              f"@{doc.get('source_offset', '?')}")
+    return "  ".join([_where(message), f"reason {doc.get('reason') or '? (no dlq.reason header)'}", source,
+                      f"key {doc.get('key') or '-'}", f"original: {abbreviate(doc.get('value') or '')}"])
 
 
 def format_transaction(doc: Any, message) -> str:
@@ -125,10 +126,10 @@ def format_transaction(doc: Any, message) -> str:
 def record_customer(kind: str, doc: Any, message) -> str | None:
     """The customer a record is about: its key, else the customer_id in it (or in the original)."""
     key = _text(message.key) or None
-    if kind == "dead-letter" and isinstance(doc, dict):
-        original = parse_value(original_bytes(doc))
+    if kind == "dead-letter":
+        original = parse_value((doc.get("value") or "").encode())
         inner = original.get("customer_id") if isinstance(original, dict) else None
-        return doc.get("customer_id") or inner or doc.get("key") or key
+        return doc.get("key") or (str(inner) if inner is not None else None)
     if isinstance(doc, dict) and doc.get("customer_id") is not None:
         return str(doc["customer_id"])
     return key
@@ -190,7 +191,7 @@ def tail(cfg: Config, kind: str, *, customers: Collection[str] | None = None, fr
                 break
             batches = consumer.poll(timeout_ms=min(1000, remaining_ms))
             for message in (m for batch in batches.values() for m in batch):  # in order per partition
-                doc = parse_value(message.value)
+                doc = dead_letter(message) if kind == "dead-letter" else parse_value(message.value)
                 if wanted is not None and record_customer(kind, doc, message) not in wanted:
                     continue
                 print(json_line(doc, message) if as_json else format_record(kind, doc, message, top),

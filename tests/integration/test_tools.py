@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,6 +168,22 @@ def test_replay_cli_filters_skips_limits_and_stamps_the_current_time(cfg, kafka_
                <= datetime.now(timezone.utc) for e in events)
 
 
+def test_replay_cli_generates_the_sample_data_and_skips_its_rows_without_ids(cfg, kafka_broker):
+    from batch_training.generate import generate
+
+    topic = _create_topic(cfg, _unique("tx-gen"))
+    result = _run("tools.replay", "--generate", "0.005", "--seed", "7", "--limit", "300", "--topic", topic,
+                  "--quiet", env=_env(cfg))
+    assert result.returncode == 0, result.stderr
+    rows_read = int(re.search(r"input rows read: ([\d,]+)", result.stdout)[1].replace(",", ""))
+    rows = generate(0.005, 7)[0].head(rows_read)
+    no_customer = int(rows["customer_id"].isna().sum())
+    assert "300 messages sent" in result.stdout and f"missing customer_id: {no_customer}" in result.stdout
+    events = [json.loads(m.value) for m in _consume(cfg, topic, 300)]
+    assert len(events) == 300
+    assert {e["event_id"] for e in events} <= set(rows["transaction_id"])
+
+
 def test_replay_cli_exit_codes_for_bad_input_and_unreachable_broker(cfg, tmp_path):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"user": ["C1"], "item": ["P1"]}).to_csv(bad, index=False)
@@ -238,18 +255,23 @@ def test_tail_prints_one_line_per_record_filters_by_customer_and_exits_as_docume
     assert result.returncode == 3 and "127.0.0.1:1" in result.stderr
 
 
-def test_tail_shows_raw_bytes_of_bad_transactions_and_dead_letter_envelopes(cfg, kafka_broker):
+def test_tail_shows_raw_bytes_of_bad_transactions_and_dead_letters(cfg, kafka_broker):
     from kafka import KafkaProducer
 
     tx_topic, dl_topic = _create_topic(cfg, _unique("tx-tail")), _create_topic(cfg, _unique("dl-tail"))
     producer = KafkaProducer(**kafka_options(cfg))
     good = {"event_id": "e1", "customer_id": "C9", "product_id": "P5", "quantity": 2,
             "event_time": "2025-03-04T10:21:07Z"}
+    broken = b'{"event_id": "e2", "customer_id": "C9", "prod' + b"x" * 200
     producer.send(tx_topic, key=b"C9", value=json.dumps(good).encode())
-    producer.send(tx_topic, key=b"C9", value=b'{"event_id": "e2", "customer_id": "C9", "prod')
-    envelope = {"reason": "not_json", "source_topic": tx_topic, "source_partition": 1, "source_offset": 17,
-                "key": "C9", "value": '{"event_id": "e2", "customer_id": "C9", "prod' + "x" * 200}
-    producer.send(dl_topic, key=b"C9", value=json.dumps(envelope).encode())
+    producer.send(tx_topic, key=b"C9", value=broken)
+    # As the streaming job writes them: original key and bytes, reason and source in dlq.* headers.
+    producer.send(dl_topic, key=b"C9", value=broken, headers=[
+        ("dlq.reason", b"not_json"), ("dlq.source.topic", tx_topic.encode()), ("dlq.source.partition", b"1"),
+        ("dlq.source.offset", b"17"), ("dlq.source.timestamp_ms", b"1741083667000")])
+    producer.send(dl_topic, key=b"C7", value=b'{"customer_id": "C7", "quantity": -1}', headers=[
+        ("dlq.reason", b"non_positive_quantity"), ("dlq.source.topic", tx_topic.encode()),
+        ("dlq.source.partition", b"0"), ("dlq.source.offset", b"3")])
     producer.flush()
     producer.close()
 
@@ -260,11 +282,17 @@ def test_tail_shows_raw_bytes_of_bad_transactions_and_dead_letter_envelopes(cfg,
     assert "NOT AN EVENT" in bad_line and '"prod' in bad_line
 
     out = io.StringIO()
-    assert tail(cfg, "dead-letter", topic=dl_topic, from_beginning=True, customers=["C9"], max_records=1,
-                timeout_s=30, out=out) == 1
+    assert tail(cfg, "dead-letter", topic=dl_topic, from_beginning=True, customers=["C9"], timeout_s=5, out=out) == 1
     line = out.getvalue().strip()
-    assert "reason not_json" in line and f"{tx_topic}[1]@17" in line
-    assert "(245 chars)" in line and len(line) < 300     # the original abbreviated, its length noted
+    assert "reason not_json" in line and f"{tx_topic}[1]@17" in line and "key C9" in line
+    assert f"({len(broken)} chars)" in line and len(line) < 300     # the original abbreviated, its length noted
+
+    out = io.StringIO()
+    assert tail(cfg, "dead-letter", topic=dl_topic, from_beginning=True, max_records=2, timeout_s=30,
+                as_json=True, out=out) == 2
+    documents = {d["key"]: d for d in map(json.loads, out.getvalue().splitlines())}
+    assert documents["C7"]["reason"] == "non_positive_quantity" and documents["C7"]["source_offset"] == "3"
+    assert documents["C9"]["value"] == broken.decode()
 
 
 # --------------------------------------------------------------------------------------------- lookup
