@@ -21,9 +21,6 @@ from models.config import REPO_ROOT, load_config
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 APP_ROOT = PurePosixPath("/app")          # WORKDIR of docker/Dockerfile
-# Packages whose __main__.py is still being written: their package must exist, their
-# __main__.py is checked once it lands (drop them from this set then).
-MAIN_PENDING = {"streaming"}
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +187,7 @@ def test_python_module_commands_name_existing_modules(services):
                 assert (package / "__init__.py").is_file(), f"{name}: python -m {module}: {package} is no package"
             target = REPO_ROOT.joinpath(*parts)
             if (target / "__init__.py").is_file():
-                if module not in MAIN_PENDING:
-                    assert (target / "__main__.py").is_file(), f"{name}: python -m {module}: no __main__.py"
+                assert (target / "__main__.py").is_file(), f"{name}: python -m {module}: no __main__.py"
             else:
                 assert target.with_suffix(".py").is_file(), f"{name}: python -m {module}: no such module"
     assert {"infra", "batch_training", "streaming", "tools.replay"} <= set(seen)
@@ -202,8 +198,7 @@ def test_command_options_are_declared_by_the_modules_they_are_passed_to(services
     for name, service in services.items():
         for module, arguments in _python_invocations(service):
             source = _module_source(module)
-            if source is None:        # a module still being written (see MAIN_PENDING)
-                continue
+            assert source is not None, f"{name}: python -m {module}: no module file"
             text = source.read_text()
             for option in (a.split("=")[0] for a in arguments if a.startswith("--")):
                 assert f'"{option}"' in text, f"{name}: python -m {module} does not declare {option}"
@@ -301,3 +296,11 @@ def test_app_image_runs_as_a_user_with_spark_python_and_the_pinned_jars(services
     copies = [a.split() for kind, a in instructions if kind == "COPY" and a.startswith("--from=")]
     assert any(PurePosixPath(APP_ROOT / c[-1].rstrip("/")) == jars_dir and ".cache/jars/spark" in c[-2]
                for c in copies), f"connector jars must land in {jars_dir}"
+
+
+def test_app_image_copies_every_package_of_the_project(services):
+    include = re.search(r"^include\s*=\s*\[(.*?)\]", (REPO_ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    packages = {pattern.rstrip("*") for pattern in re.findall(r'"([^"]+)"', include.group(1))}
+    copied = {a.split()[0].rstrip("/") for kind, a in _dockerfile(_dockerfiles(services)["streaming"])
+              if kind == "COPY" and not a.startswith("--from=")}
+    assert packages and packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
