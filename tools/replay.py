@@ -377,7 +377,7 @@ def replay(cfg: Config, rows: Iterable[Mapping[str, Any]] | pd.DataFrame, rate: 
     def send(key: str, value: bytes) -> None:
         if bucket is not None:
             bucket.take()
-        future = producer.send(topic, key=key.encode(), value=value)
+        future = producer.send(topic, key=key.encode() if key else None, value=value)  # no id, no key
         future.add_errback(failures.append)
         summary.sent += 1
 
