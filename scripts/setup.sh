@@ -36,6 +36,13 @@ if [ "${RECO_NATIVE_BLAS:-1}" = 1 ] && ! ldconfig -p | grep -q 'libblas.so.3 '; 
   fi
 fi
 
+# docker-compose validates docker-compose.yml in the tests (there may be no Docker engine at all).
+if ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing docker-compose (to validate docker-compose.yml)"; apt_install docker-compose
+  fi
+fi
+
 # 3. Python dependencies.
 PY=${RECO_PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python 3.10+ required ($PY is older)"; exit 1; }

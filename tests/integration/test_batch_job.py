@@ -1,0 +1,85 @@
+"""The batch job end to end on generated data: logs, outputs, model store, publish gate, explicit mode."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batch_training.generate import write
+from batch_training.job import PublishRefused, run
+from models.store import ModelStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+SMALL = {"batch.als.rank": 16, "batch.als.max_iter": 6, "batch.cv_folds": 2,
+         "batch.grid": {"reg_param": [0.01, 0.1]}}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sample")
+    write(folder, factor=0.05, seed=7, fmt="csv")
+    return folder / "transactions.csv"
+
+
+def _job_cfg(cfg, tmp_path, sample, **extra):
+    return cfg.with_overrides({"data.path": str(sample), "batch.output_dir": str(tmp_path / "out"),
+                               "model_store.uri": str(tmp_path / "models"), **SMALL, **extra})
+
+
+def test_the_job_logs_like_the_original_and_publishes_a_usable_model(spark, cfg, tmp_path, sample, caplog):
+    caplog.set_level(logging.INFO)
+    job_cfg = _job_cfg(cfg, tmp_path, sample)
+    result = run(job_cfg, spark=spark)
+    log_text = caplog.text
+    for expected in ("raw rows: ", "clean rows: ", "dropped missing_customer_id", "customer-product pairs",
+                     "purchase counts per pair: mean", "holdout (time): train", "CV fold 2/2",
+                     "map@10", "popularity", "recommendations written for", "example: customer"):
+        assert expected in log_text, f"log lacks {expected!r}"
+    raw_rows = len(pd.read_csv(sample, dtype=str))
+    assert f"raw rows: {raw_rows:,}" in log_text
+
+    store = ModelStore.from_config(job_cfg)
+    assert result.published and store.current_version() == result.version
+    artifact = store.load()
+    assert artifact.item_factors.shape[1] == 16 and artifact.cutoff_time is not None
+    excluded = result.metrics["exclude_purchased"]
+    assert excluded["model"]["map"] > excluded["popularity"]["map"]
+    assert {"precision", "recall", "map", "ndcg", "coverage", "novelty", "diversity"} <= set(excluded["model"])
+    assert "include_purchased" in result.metrics
+
+    recs = pd.read_parquet(tmp_path / "out" / "recommendations.parquet")
+    assert len(recs) == artifact.n_users == result.recommendations_written
+    assert recs["recommendations"].map(len).eq(10).all()
+    raw = pd.read_csv(sample, dtype=str).dropna(subset=["customer_id", "product_id"])
+    valid = (pd.to_numeric(raw["quantity"], errors="coerce") > 0) & \
+        pd.to_datetime(raw["event_time"], errors="coerce", utc=True, format="ISO8601").notna()
+    bought = raw[valid]  # the purchases the job keeps after cleaning
+    bought_by = bought.groupby("customer_id")["product_id"].agg(set)
+    overlap = sum(len(set(r) & bought_by.get(c, set())) for c, r in zip(recs["customer_id"], recs["recommendations"]))
+    assert overlap == 0  # purchased products are excluded by default
+    csv = pd.read_csv(tmp_path / "out" / "recommendations.csv", dtype=str)
+    assert list(csv.columns) == ["customer_id", "recommendations", "scores"] and len(csv) == len(recs)
+
+
+def test_the_publish_gate_refuses_a_deliberately_bad_model_and_keeps_the_current(spark, cfg, tmp_path, sample):
+    good = _job_cfg(cfg, tmp_path, sample, **{"batch.grid": {}})
+    first = run(good, spark=spark)
+    bad = _job_cfg(cfg, tmp_path, sample, **{"batch.grid": {}, "batch.als.rank": 2,
+                                              "batch.als.reg_param": 1.0e6, "batch.als.max_iter": 1})
+    with pytest.raises(PublishRefused, match="does not beat popularity"):
+        run(bad, spark=spark)
+    store = ModelStore.from_config(good)
+    assert store.current_version() == first.version
+    assert len(store.list_versions()) == 2  # the refused model is kept for inspection, not made current
+
+
+def test_explicit_mode_reports_rmse_like_the_old_job(spark, cfg, tmp_path, sample):
+    explicit = _job_cfg(cfg, tmp_path, sample, **{"batch.grid": {}, "batch.als.implicit_prefs": False,
+                                                   "batch.selection_metric": "rmse", "batch.publish.metric": "rmse"})
+    result = run(explicit, spark=spark)
+    assert set(result.metrics["rmse"]) == {"train", "test"}
+    assert 0 < result.metrics["rmse"]["train"] < result.metrics["rmse"]["test"] + 1.0
+    assert np.isfinite(result.metrics["exclude_purchased"]["model"]["map"])
