@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -144,26 +146,33 @@ def run(cfg: Config, spark=None) -> BatchResult:
     stages.start("write recommendations")
     customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
-    output_dir = _output_dir(cfg)
-    written = _write_recommendations(output_dir, customer_ids, product_ids, item_idx, scores)
-    log.info("recommendations written for %s customers to %s", f"{written:,}", output_dir)
-    _log_example(customer_ids, product_ids, item_idx, scores)
-
-    stages.start("publish")
     cutoff = events.agg({"event_time": "max"}).first()[0]
     artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
                          stats, metrics)
-    result = BatchResult(version=None, published=False, params=chosen, metrics=metrics, stats=stats,
-                         output_dir=output_dir, recommendations_written=written)
+    # Each run writes into its own version folder; the top-level files are the published model's.
+    output_dir = _output_dir(cfg)
+    run_dir = output_dir / "versions" / artifact.version
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores)
+    log.info("recommendations written for %s customers to %s", f"{written:,}", run_dir)
+    _log_example(customer_ids, product_ids, item_idx, scores)
+
+    stages.start("publish")
+    result = BatchResult(version=artifact.version, published=False, params=chosen, metrics=metrics,
+                         stats=stats, output_dir=output_dir, recommendations_written=written)
     published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude)
-    result.version, result.published, result.gate_reason = artifact.version, published, reason
+    result.published, result.gate_reason = published, reason
     if published and (cfg.get_path("batch.write_table", False) or cfg.get_path("batch.write_topic", False)):
         _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, indexed)
     stages.stop()
     result.stage_seconds = stages.seconds
-    (output_dir / "run_summary.json").write_text(json.dumps(
+    (run_dir / "run_summary.json").write_text(json.dumps(
         {"version": artifact.version, "published": published, "gate": reason, "params": chosen.as_dict(),
          "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
+    if published:
+        for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json"):
+            shutil.copyfile(run_dir / name, output_dir / f".{name}.tmp")
+            os.replace(output_dir / f".{name}.tmp", output_dir / name)
     for table in (events, pairs, indexed, train, test):
         table.unpersist()
     if not published:
@@ -236,12 +245,38 @@ def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int,
 
 
 def _recommend_all(spark, cfg: Config, factors: Factors, exclude: PairArrays | None, k: int):
-    """Top-k for every customer from the exported factors (blocked products, not recommendForAllUsers)."""
+    """Top-k for every customer from the exported factors (blocked products, not recommendForAllUsers).
+
+    ``batch.topk_engine``: ``driver`` (numpy on the driver; fastest while the factors fit there) or
+    ``spark`` (the same scoring in a pandas UDF over distributed user factors, for large user bases).
+    """
     from models.scoring import top_k
 
-    users = np.arange(factors.user_factors.shape[0])
-    excluded = exclude.rows(users) if exclude is not None else None
-    return top_k(factors.user_factors, factors.item_factors, k, exclude=excluded)
+    n_users = factors.user_factors.shape[0]
+    engine = str(cfg.get_path("batch.topk_engine", "driver"))
+    if engine == "driver":
+        users = np.arange(n_users)
+        return top_k(factors.user_factors, factors.item_factors, k,
+                     exclude=exclude.rows(users) if exclude is not None else None)
+    if engine != "spark":
+        raise ValueError(f"batch.topk_engine {engine!r}: use 'driver' or 'spark'")
+    import pandas as pd
+
+    from batch_training.recommend import recommend_for_all
+
+    user_df = spark.createDataFrame(pd.DataFrame({"id": np.arange(n_users, dtype=np.int32),
+                                                  "features": list(factors.user_factors.astype(float))}))
+    exclude_df = None
+    if exclude is not None:
+        users = np.repeat(np.arange(n_users, dtype=np.int32), np.diff(exclude.indptr))
+        exclude_df = spark.createDataFrame(pd.DataFrame({"user": users, "item": exclude.indices.astype(np.int32)}))
+    rows = recommend_for_all(spark, user_df, factors.item_factors, k, exclude_df).toPandas()
+    item_idx = np.full((n_users, k), -1, dtype=np.int32)
+    scores = np.full((n_users, k), np.nan, dtype=np.float32)
+    for user, recs in zip(rows["user"].to_numpy(), rows["recommendations"]):
+        item_idx[user, :len(recs)] = [r["item"] for r in recs]
+        scores[user, :len(recs)] = [r["rating"] for r in recs]
+    return item_idx, scores
 
 
 def _ordered_ids(frame, id_column: str, index_column: str, size: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The batch job end to end on generated data: logs, outputs, model store, publish gate, explicit mode."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_the_job_logs_like_the_original_and_publishes_a_usable_model(spark, cfg,
 
 
 def test_the_publish_gate_refuses_a_deliberately_bad_model_and_keeps_the_current(spark, cfg, tmp_path, sample):
-    good = _job_cfg(cfg, tmp_path, sample, **{"batch.grid": {}})
+    good = _job_cfg(cfg, tmp_path, sample, **{"batch.grid": {}, "batch.topk_engine": "spark"})
     first = run(good, spark=spark)
     bad = _job_cfg(cfg, tmp_path, sample, **{"batch.grid": {}, "batch.als.rank": 2,
                                               "batch.als.reg_param": 1.0e6, "batch.als.max_iter": 1})
@@ -74,6 +75,13 @@ def test_the_publish_gate_refuses_a_deliberately_bad_model_and_keeps_the_current
     store = ModelStore.from_config(good)
     assert store.current_version() == first.version
     assert len(store.list_versions()) == 2  # the refused model is kept for inspection, not made current
+    # The top-level output stays the published model's; the refused run's lists are in its own folder.
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["version"] == first.version and summary["published"] is True
+    assert len(list((tmp_path / "out" / "versions").iterdir())) == 2
+    # The distributed top-k engine wrote a full list for everyone.
+    recs = pd.read_parquet(tmp_path / "out" / "recommendations.parquet")
+    assert len(recs) == first.recommendations_written and recs["recommendations"].map(len).eq(10).all()
 
 
 def test_explicit_mode_reports_rmse_like_the_old_job(spark, cfg, tmp_path, sample):
