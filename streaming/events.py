@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -86,11 +86,14 @@ def parse_event_time_ms(text: str) -> int | None:
     return int(math.floor(parsed.timestamp() * 1000))
 
 
-def validate_value(value: bytes | None, rules: ValidationRules, now_ms: int) -> tuple:
+def validate_value(value: bytes | None, rules: ValidationRules, reference_ms: int) -> tuple:
     """One raw Kafka value -> (event_id, customer_id, product_id, quantity, event_time_ms, reason).
 
     ``reason`` is None for a valid event; otherwise the other fields are None. The first problem
     found is reported, in a fixed order, so the same bytes always get the same reason.
+    ``reference_ms`` is the clock an event time may not run ahead of by more than the allowed
+    skew: the job passes the message's Kafka timestamp, not the wall clock, so a replay and the
+    two queries reading the same message always agree on it.
     """
     if value is None or len(value) == 0:
         return _invalid(EMPTY_VALUE)
@@ -117,7 +120,7 @@ def validate_value(value: bytes | None, rules: ValidationRules, now_ms: int) -> 
     event_time_ms = parse_event_time_ms(document["event_time"])
     if event_time_ms is None:
         return _invalid(UNPARSEABLE_TIME)
-    if event_time_ms > now_ms + rules.max_future_skew_ms:
+    if event_time_ms > reference_ms + rules.max_future_skew_ms:
         return _invalid(FUTURE_TIME)
     return (*ids, int(quantity), event_time_ms, None)
 
@@ -152,10 +155,14 @@ def _quantity_problem(quantity: Any, max_quantity: int) -> str | None:
     return None
 
 
-def validate_values(values: Sequence[bytes | None] | Iterable[bytes | None], rules: ValidationRules,
-                    now_ms: int) -> pd.DataFrame:
-    """Validate a batch of raw values: one row per value, columns ``VALIDATED_COLUMNS``."""
-    rows = [validate_value(value, rules, now_ms) for value in values]
+def validate_values(values: Sequence[bytes | None], rules: ValidationRules,
+                    reference_ms: int | Sequence[int]) -> pd.DataFrame:
+    """Validate a batch of raw values: one row per value, columns ``VALIDATED_COLUMNS``.
+
+    ``reference_ms`` is one clock for all values or one per value (their Kafka timestamps).
+    """
+    references = [reference_ms] * len(values) if isinstance(reference_ms, (int, float)) else reference_ms
+    rows = [validate_value(value, rules, int(reference)) for value, reference in zip(values, references)]
     frame = pd.DataFrame.from_records(rows, columns=list(VALIDATED_COLUMNS))
     return frame.astype({"event_id": object, "customer_id": object, "product_id": object,
                          "quantity": "Int64", "event_time_ms": "Int64", "reason": object})

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from models.config import Config, ConfigError
+from models.config import Config, ConfigError, resolve_path
 
 _UNITS_MS = {"ms": 1, "millisecond": 1, "s": 1000, "sec": 1000, "second": 1000, "m": 60_000,
              "min": 60_000, "minute": 60_000, "h": 3_600_000, "hour": 3_600_000, "d": 86_400_000,
@@ -32,7 +31,7 @@ def duration_ms(value, name: str = "duration") -> int:
 class StreamingSettings:
     k: int
     trigger_interval_ms: int
-    checkpoint_dir: Path
+    checkpoint_dir: str               # a folder, or a URI Spark understands (hdfs://, s3a://)
     state_ttl_ms: int
     exclude_purchased: bool
     starting_offsets: str
@@ -43,9 +42,8 @@ class StreamingSettings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "StreamingSettings":
-        checkpoint = Path(str(cfg.get_path("streaming.checkpoint_dir")))
-        if not checkpoint.is_absolute() and "://" not in str(checkpoint):
-            checkpoint = cfg.path("run_dir") / checkpoint
+        checkpoint_text = cfg.text("streaming.checkpoint_dir")
+        checkpoint = checkpoint_text if "://" in checkpoint_text else str(resolve_path(checkpoint_text))
         starting = str(cfg.get_path("streaming.starting_offsets"))
         if starting not in ("earliest", "latest") and not starting.startswith("{"):
             raise ConfigError(f"streaming.starting_offsets: {starting!r} must be earliest, latest "

@@ -139,7 +139,7 @@ def test_bad_durations_are_refused(text):
 def test_streaming_settings_resolve_the_checkpoint_under_the_run_dir(tmp_path):
     cfg = load_config(files=[], env={"RECO__RUN_DIR": str(tmp_path)})
     settings = StreamingSettings.from_config(cfg)
-    assert settings.checkpoint_dir == tmp_path / "checkpoints" / "streaming"
+    assert settings.checkpoint_dir == str(tmp_path / "checkpoints" / "streaming")
     assert settings.k == 10 and settings.exclude_purchased is True
     with pytest.raises(ConfigError, match="starting_offsets"):
         StreamingSettings.from_config(cfg.with_overrides({"streaming.starting_offsets": "oldest"}))

@@ -1,0 +1,293 @@
+"""The streaming scorer: two Structured Streaming queries on the transactions topic.
+
+1. ``reco-dead-letter``: validate -> invalid rows -> the dead-letter topic. The message keeps the
+   original key and value bytes untouched; the reason and the source topic, partition, offset
+   and timestamp travel as Kafka headers (docs/schemas.md).
+2. ``reco-scoring``: validate -> valid rows -> per-customer purchase state
+   (``transformWithStateInPandas``, RocksDB state store, streaming/state.py) -> ``foreachBatch``
+   on the driver: refresh the customers with new purchases against the current model
+   (streaming/refresh.py) and write their records with the one writer of both jobs
+   (models.records.RecordWriter: the recommendations topic and the newest-wins DynamoDB table).
+
+Each query has its own checkpoint under ``streaming.checkpoint_dir``. The scoring query's state
+and offsets are committed together per micro-batch, so after a crash the batch is replayed from
+the checkpoint and every purchase is counted exactly once; the sinks are idempotent (the table
+refuses older results; a replayed batch rewrites the same records).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from models.config import Config
+from models.records import RecordWriter, now_ms
+from streaming.events import ValidationRules, validate_values
+from streaming.metrics import (DEAD_LETTER_QUERY, SCORING_QUERY, VALIDATION_OBSERVATION, RefreshFigures,
+                               StreamMetrics, make_listener)
+from streaming.refresh import records_for, score_customers
+from streaming.serving import ModelHolder
+from streaming.settings import StreamingSettings
+from streaming.state import INPUT_COLUMNS, OUTPUT_SCHEMA, CutoffSource, PurchaseStateProcessor
+
+log = logging.getLogger(__name__)
+
+ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
+VALIDATED_COLUMNS = ["key", "value", "source_topic", "source_partition", "source_offset", "kafka_ts_ms",
+                     "event_id", "customer_id", "product_id", "quantity", "event_time_ms", "reason"]
+VALIDATED_SCHEMA = ("key binary, value binary, source_topic string, source_partition int, source_offset long, "
+                    "kafka_ts_ms long, event_id string, customer_id string, product_id string, quantity int, "
+                    "event_time_ms long, reason string")
+# Dead-letter headers (all values UTF-8 text).
+HEADER_REASON = "dlq.reason"
+HEADER_TOPIC = "dlq.source.topic"
+HEADER_PARTITION = "dlq.source.partition"
+HEADER_OFFSET = "dlq.source.offset"
+HEADER_TIMESTAMP = "dlq.source.timestamp_ms"
+WRITE_ATTEMPTS = 5
+
+
+def configure_session(spark) -> None:
+    """Session settings the scoring query needs, set before it starts (they are per query)."""
+    spark.conf.set("spark.sql.streaming.stateStore.providerClass", ROCKSDB_PROVIDER)
+    # Changelog checkpointing: each batch uploads only its state changes, not RocksDB files.
+    spark.conf.set("spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled", "true")
+    # With processing-time TTL Spark would otherwise run an empty batch every trigger forever.
+    spark.conf.set("spark.sql.streaming.noDataMicroBatches.enabled", "false")
+
+
+def kafka_source(spark, cfg: Config, settings: StreamingSettings):
+    from models.clients import spark_kafka_options
+
+    reader = (spark.readStream.format("kafka").options(**spark_kafka_options(cfg))
+              .option("subscribe", settings.transactions_topic)
+              .option("startingOffsets", settings.starting_offsets))
+    if settings.max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    return reader.load()
+
+
+def _validator(rules: ValidationRules):
+    """The mapInPandas function: raw Kafka rows -> VALIDATED_SCHEMA rows (all kept, with reason)."""
+
+    def validate(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for raw in batches:
+            produced = pd.to_datetime(raw["timestamp"], utc=True)
+            kafka_ts_ms = ((produced - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")).to_numpy(np.int64)
+            out = validate_values(list(raw["value"]), rules, kafka_ts_ms.tolist())
+            out["quantity"] = out["quantity"].astype("Int32")
+            out["key"] = raw["key"].to_numpy()
+            out["value"] = raw["value"].to_numpy()
+            out["source_topic"] = raw["topic"].to_numpy()
+            out["source_partition"] = raw["partition"].to_numpy(np.int32)
+            out["source_offset"] = raw["offset"].to_numpy(np.int64)
+            out["kafka_ts_ms"] = kafka_ts_ms
+            yield out[VALIDATED_COLUMNS]
+
+    return validate
+
+
+def validate_stream(raw, rules: ValidationRules):
+    """Every raw message with its parsed fields or its dead-letter reason, observed per batch."""
+    from pyspark.sql import functions as F
+
+    timestamps = raw.select("key", "value", "topic", "partition", "offset",
+                            F.col("timestamp").cast("timestamp").alias("timestamp"))
+    validated = timestamps.mapInPandas(_validator(rules), VALIDATED_SCHEMA)
+    return validated.observe(VALIDATION_OBSERVATION, F.count(F.lit(1)).alias("rows"),
+                             F.sum(F.when(F.col("reason").isNotNull(), 1).otherwise(0)).alias("invalid_rows"))
+
+
+def dead_letter_stream(validated):
+    """Invalid rows as Kafka sink rows: original key and value, reason and source in headers."""
+    from pyspark.sql import functions as F
+
+    def header(name: str, column):
+        return F.struct(F.lit(name).alias("key"), F.encode(column.cast("string"), "UTF-8").alias("value"))
+
+    return (validated.where(F.col("reason").isNotNull())
+            .select("key", "value", F.array(
+                header(HEADER_REASON, F.col("reason")),
+                header(HEADER_TOPIC, F.col("source_topic")),
+                header(HEADER_PARTITION, F.col("source_partition")),
+                header(HEADER_OFFSET, F.col("source_offset")),
+                header(HEADER_TIMESTAMP, F.col("kafka_ts_ms"))).alias("headers")))
+
+
+def purchase_state_stream(validated, settings: StreamingSettings, cfg: Config):
+    """Valid rows grouped by customer through the stateful processor (one row per customer)."""
+    from pyspark.sql import functions as F
+
+    valid = (validated.where(F.col("reason").isNull())
+             .withColumn("source_partition", F.concat_ws("-", "source_topic", F.col("source_partition").cast("string")))
+             .select(*INPUT_COLUMNS))
+    processor = PurchaseStateProcessor(settings.state_ttl_ms,
+                                       CutoffSource(dict(cfg), settings.model_poll_interval_ms))
+    return valid.groupBy("customer_id").transformWithStateInPandas(
+        statefulProcessor=processor, outputStructType=OUTPUT_SCHEMA, outputMode="Update",
+        timeMode="ProcessingTime")
+
+
+class BatchRefresher:
+    """The scoring query's foreachBatch: score the customers with new purchases, write, measure."""
+
+    def __init__(self, settings: StreamingSettings, holder: ModelHolder, writer: RecordWriter,
+                 metrics: StreamMetrics):
+        self.settings = settings
+        self.holder = holder
+        self.writer = writer
+        self.metrics = metrics
+
+    def __call__(self, batch_df, batch_id: int) -> None:
+        started = time.perf_counter()
+        frame = batch_df.toPandas()        # one action: the state is updated exactly once per batch
+        figures = RefreshFigures(customers_in_batch=len(frame))
+        if len(frame):
+            figures.new_events = int(frame["new_events"].sum())
+            figures.duplicate_events = int(frame["duplicate_events"].sum())
+            figures.before_cutoff_events = int(frame["before_cutoff_events"].sum())
+        state_cutoff = frame["cutoff_ms"].dropna().max() if len(frame) else None
+        model = self.holder.current(None if state_cutoff is None or pd.isna(state_cutoff) else int(state_cutoff))
+        figures.model_version = model.version if model else None
+        changed = frame[frame["new_events"] > 0].reset_index(drop=True) if len(frame) else frame
+        if model is not None and len(changed):
+            scored = score_customers(model, changed, self.settings.k, self.settings.exclude_purchased)
+            records = records_for(model, changed, scored, computed_at_ms=now_ms())
+            self._write(records, batch_id)
+            output_ms = now_ms()
+            figures.customers_refreshed = len(records)
+            figures.latencies_ms = output_ms - np.concatenate(
+                [np.asarray(ts, dtype=np.int64) for ts in changed["new_kafka_ts_ms"]])
+        figures.refresh_ms = (time.perf_counter() - started) * 1000
+        self.metrics.record_refresh(batch_id, figures)
+
+    def _write(self, records, batch_id: int) -> None:
+        """Write with a few retries: a sink hiccup should cost a delay, not the query."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                self.writer.write(records)
+                return
+            except Exception as err:  # noqa: BLE001 - retried, then re-raised to fail the batch
+                if attempt == WRITE_ATTEMPTS:
+                    log.error("batch %d: writing %d records failed %d times (%s); the query stops and a "
+                              "restart replays the batch from the checkpoint", batch_id, len(records),
+                              attempt, err)
+                    raise
+                log.warning("batch %d: writing records failed (%s); retry %d/%d", batch_id, err, attempt,
+                            WRITE_ATTEMPTS - 1)
+                time.sleep(min(10.0, 0.5 * 2 ** attempt))
+
+
+class StreamingJob:
+    """Builds, starts, watches and stops the two queries (see the module docstring)."""
+
+    def __init__(self, cfg: Config, spark, store=None, writer: RecordWriter | None = None):
+        from models.store import ModelStore
+
+        self.cfg = cfg
+        self.spark = spark
+        self.settings = StreamingSettings.from_config(cfg)
+        self.rules = ValidationRules.from_config(cfg)
+        self.metrics = StreamMetrics()
+        self.holder = ModelHolder(store or ModelStore.from_config(cfg), self.settings.model_poll_interval_ms,
+                                  default_count_mode=str(cfg.get_path("data.count_mode", "rows")))
+        self.writer = writer or RecordWriter(cfg)
+        self.queries: list = []
+        self._listener = None
+        self._stop_requested = threading.Event()
+
+    @property
+    def scoring_query(self):
+        return next((q for q in self.queries if q.name == SCORING_QUERY), None)
+
+    @property
+    def dead_letter_query(self):
+        return next((q for q in self.queries if q.name == DEAD_LETTER_QUERY), None)
+
+    def start(self, available_now: bool = False) -> "StreamingJob":
+        """Start both queries (``available_now``: process what is in the topic now, then stop)."""
+        configure_session(self.spark)
+        self._listener = make_listener(self.metrics)
+        self.spark.streams.addListener(self._listener)
+        self.holder.current()   # load the model up front: a broken one is reported at start-up
+        validated = validate_stream(kafka_source(self.spark, self.cfg, self.settings), self.rules)
+        checkpoint = self.settings.checkpoint_dir.rstrip("/")
+        from models.clients import spark_kafka_options
+
+        dead_letter = (dead_letter_stream(validated).writeStream.queryName(DEAD_LETTER_QUERY).format("kafka")
+                       .options(**spark_kafka_options(self.cfg)).option("topic", self.settings.dead_letter_topic)
+                       .option("checkpointLocation", f"{checkpoint}/dead-letter"))
+        scoring = (purchase_state_stream(validated, self.settings, self.cfg).writeStream.queryName(SCORING_QUERY)
+                   .outputMode("update").foreachBatch(BatchRefresher(self.settings, self.holder, self.writer,
+                                                                     self.metrics))
+                   .option("checkpointLocation", f"{checkpoint}/scoring"))
+        for writer in (dead_letter, scoring):
+            writer = (writer.trigger(availableNow=True) if available_now
+                      else writer.trigger(processingTime=f"{self.settings.trigger_interval_ms} milliseconds"))
+            self.queries.append(writer.start())
+        log.info("streaming scorer started: %s -> %s and table %s (dead letters: %s), checkpoints in %s, "
+                 "trigger %s", self.settings.transactions_topic, self.writer.topic, self.writer.table_name,
+                 self.settings.dead_letter_topic, checkpoint,
+                 "available-now" if available_now else f"every {self.settings.trigger_interval_ms} ms")
+        return self
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop (safe from a signal handler): see ``run_until_stopped``."""
+        self._stop_requested.set()
+
+    def run_until_stopped(self, poll_s: float = 1.0) -> None:
+        """Block until a stop is requested or a query ends; re-raise a query's failure."""
+        while not self._stop_requested.wait(poll_s):
+            if any(not q.isActive for q in self.queries):
+                break
+        self.stop()
+        for query in self.queries:
+            error = query.exception()
+            if error is not None:
+                raise RuntimeError(f"streaming query {query.name} failed: {error}")
+
+    def await_available_now(self, timeout_s: float = 600) -> None:
+        """Wait for ``available_now`` queries to finish; raise if one failed or timed out."""
+        deadline = time.monotonic() + timeout_s
+        for query in self.queries:
+            query.awaitTermination(max(1.0, deadline - time.monotonic()))
+        self.stop()
+        for query in self.queries:
+            if query.exception() is not None:
+                raise RuntimeError(f"streaming query {query.name} failed: {query.exception()}")
+            if query.isActive:
+                raise TimeoutError(f"streaming query {query.name} still running after {timeout_s} s")
+
+    def process_all_available(self) -> None:
+        for query in self.queries:
+            query.processAllAvailable()
+        self._report_missed_progress()
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """Stop after the running micro-batch completes (up to ``grace_s``), then report and close."""
+        deadline = time.monotonic() + grace_s
+        for query in self.queries:
+            while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if query.isActive:
+                query.stop()
+        self._report_missed_progress()
+        if self._listener is not None:
+            self.spark.streams.removeListener(self._listener)
+            self._listener = None
+        self.writer.close()
+        latency = self.metrics.latency_percentiles()
+        log.info("streaming scorer stopped: %s; event-to-output latency %s", self.metrics.totals,
+                 "n/a" if latency is None else
+                 f"p50 {latency['p50']:,.0f} ms p95 {latency['p95']:,.0f} ms p99 {latency['p99']:,.0f} ms "
+                 f"over {latency['events']:,} events")
+
+    def _report_missed_progress(self) -> None:
+        """Progress the asynchronous listener has not delivered yet (the last batches at a stop)."""
+        for query in self.queries:
+            for progress in query.recentProgress:
+                self.metrics.on_progress(progress)

@@ -1,0 +1,179 @@
+"""Per-micro-batch figures: one log line per batch and a StreamingQueryListener feeding them.
+
+The scoring query's foreachBatch knows what it refreshed and the event-to-output latency
+(output time minus each event's Kafka timestamp, i.e. its produce time); Spark's progress report
+knows the input rows, the batch duration and the invalid rows (an ``observe`` on the validated
+stream). The listener joins the two by (run id, batch id), logs the line and keeps the figures
+for the operator (``summary()``, the stop line) and the tests.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCORING_QUERY = "reco-scoring"
+DEAD_LETTER_QUERY = "reco-dead-letter"
+VALIDATION_OBSERVATION = "validation"
+
+
+@dataclass
+class RefreshFigures:
+    """What foreachBatch did with one micro-batch."""
+
+    customers_in_batch: int = 0
+    customers_refreshed: int = 0
+    new_events: int = 0
+    duplicate_events: int = 0
+    before_cutoff_events: int = 0
+    model_version: str | None = None
+    refresh_ms: float = 0.0
+    latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+@dataclass
+class BatchReport:
+    """One micro-batch of one query, as logged."""
+
+    query: str
+    batch_id: int
+    input_rows: int
+    invalid_rows: int
+    duration_ms: int
+    customers_refreshed: int = 0
+    new_events: int = 0
+    duplicate_events: int = 0
+    before_cutoff_events: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    model_version: str | None = None
+    timestamp: str = ""
+
+    def line(self) -> str:
+        if self.query == DEAD_LETTER_QUERY:
+            return (f"dead-letter batch {self.batch_id}: {self.input_rows:,} input rows, "
+                    f"{self.invalid_rows:,} invalid sent to the dead-letter topic, {self.duration_ms:,} ms")
+        latency = ("no output" if self.latency_p50_ms is None else
+                   f"p50 {self.latency_p50_ms:,.0f} ms p95 {self.latency_p95_ms:,.0f} ms")
+        return (f"scoring batch {self.batch_id}: {self.input_rows:,} input rows, {self.invalid_rows:,} invalid, "
+                f"{self.new_events:,} new purchases ({self.duplicate_events:,} duplicates, "
+                f"{self.before_cutoff_events:,} before the model cutoff), "
+                f"{self.customers_refreshed:,} customers refreshed, batch {self.duration_ms:,} ms, "
+                f"event-to-output latency {latency}, model {self.model_version}")
+
+
+class StreamMetrics:
+    """Figures of the running job, filled by foreachBatch and the listener (thread-safe)."""
+
+    def __init__(self, history: int = 10_000, latency_reservoir: int = 1_000_000):
+        self._lock = threading.Lock()
+        self._pending: dict[int, RefreshFigures] = {}
+        self._reported: set[tuple[str, str, int]] = set()
+        self.reports: deque[BatchReport] = deque(maxlen=history)
+        self._latencies: deque[np.ndarray] = deque()
+        self._latency_count = 0
+        self._latency_reservoir = latency_reservoir
+        self.totals = {"input_rows": 0, "invalid_rows": 0, "customers_refreshed": 0, "new_events": 0,
+                       "duplicate_events": 0, "dead_lettered": 0, "batches": 0}
+        self.started = time.time()
+
+    def record_refresh(self, batch_id: int, figures: RefreshFigures) -> None:
+        with self._lock:
+            self._pending[int(batch_id)] = figures
+            if len(figures.latencies_ms):
+                self._latencies.append(np.asarray(figures.latencies_ms, dtype=np.float64))
+                self._latency_count += len(figures.latencies_ms)
+                while self._latency_count > self._latency_reservoir and len(self._latencies) > 1:
+                    self._latency_count -= len(self._latencies.popleft())
+
+    def on_progress(self, progress) -> BatchReport | None:
+        """Build, keep and log the report of one finished micro-batch (``progress``: Spark's).
+
+        Each (query, run, batch) is reported once, whether the listener or a final drain at stop
+        delivers it first.
+        """
+        name = progress.name or ""
+        if name not in (SCORING_QUERY, DEAD_LETTER_QUERY):
+            return None
+        seen = (name, str(progress.runId), int(progress.batchId))
+        observed = (progress.observedMetrics or {}).get(VALIDATION_OBSERVATION)
+        invalid = int(observed["invalid_rows"] or 0) if observed is not None else 0
+        report = BatchReport(query=name,
+                             batch_id=int(progress.batchId), input_rows=int(progress.numInputRows),
+                             invalid_rows=invalid, duration_ms=int(progress.durationMs.get("triggerExecution", 0)),
+                             timestamp=str(progress.timestamp))
+        with self._lock:
+            if seen in self._reported:
+                return None
+            self._reported.add(seen)
+            figures = self._pending.pop(report.batch_id, None) if report.query == SCORING_QUERY else None
+            if report.query == SCORING_QUERY:
+                if figures is not None:
+                    report.customers_refreshed = figures.customers_refreshed
+                    report.new_events = figures.new_events
+                    report.duplicate_events = figures.duplicate_events
+                    report.before_cutoff_events = figures.before_cutoff_events
+                    report.model_version = figures.model_version
+                    if len(figures.latencies_ms):
+                        report.latency_p50_ms, report.latency_p95_ms = (
+                            float(v) for v in np.percentile(figures.latencies_ms, [50, 95]))
+                self._add_totals(report)
+            else:
+                self.totals["dead_lettered"] += report.invalid_rows
+            self.reports.append(report)
+        log.info(report.line())
+        return report
+
+    def _add_totals(self, report: BatchReport) -> None:
+        self.totals["batches"] += 1
+        for name in ("input_rows", "invalid_rows", "customers_refreshed", "new_events", "duplicate_events"):
+            self.totals[name] += getattr(report, name)
+
+    def latency_percentiles(self, percentiles=(50, 95, 99)) -> dict[str, float] | None:
+        """Event-to-output latency over the kept events (ms), or None before any output."""
+        with self._lock:
+            if not self._latencies:
+                return None
+            values = np.concatenate(list(self._latencies))
+        return {f"p{p}": float(v) for p, v in zip(percentiles, np.percentile(values, percentiles))} \
+            | {"events": int(len(values))}
+
+    def summary(self) -> dict:
+        with self._lock:
+            totals = dict(self.totals)
+            reports = [asdict(r) for r in list(self.reports)[-5:]]
+        return {"totals": totals, "latency_ms": self.latency_percentiles(), "recent_batches": reports,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+
+def make_listener(metrics: StreamMetrics):
+    """A StreamingQueryListener that feeds ``metrics`` (built lazily: pyspark is imported here)."""
+    from pyspark.sql.streaming import StreamingQueryListener
+
+    class ScorerListener(StreamingQueryListener):
+        def onQueryStarted(self, event) -> None:
+            log.info("query %s started (id %s, run %s)", event.name, event.id, event.runId)
+
+        def onQueryProgress(self, event) -> None:
+            try:
+                metrics.on_progress(event.progress)
+            except Exception:  # noqa: BLE001 - a reporting bug must never disturb the stream
+                log.exception("could not report a micro-batch's progress")
+
+        def onQueryIdle(self, event) -> None:
+            pass
+
+        def onQueryTerminated(self, event) -> None:
+            if event.exception:
+                log.error("query %s (run %s) terminated with an error: %s", event.id, event.runId,
+                          event.exception.splitlines()[0] if event.exception else "")
+            else:
+                log.info("query %s (run %s) stopped", event.id, event.runId)
+
+    return ScorerListener()

@@ -1,0 +1,132 @@
+"""The model the streaming job serves, and its hot swap at micro-batch boundaries.
+
+The driver holds one ``ServingModel``. Before each micro-batch is scored it checks (at most every
+``model_poll_interval``, or at once when the state already applied a newer cutoff) whether the
+store's current version changed; a new version is loaded, verified and checked for serving, and
+only then replaces the old one. A version that fails is refused with one clear error line and the
+old model keeps serving; it is tried again only when the pointer moves on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from models import scoring
+from models.artifact import ModelArtifact
+from streaming.state import iso_to_ms
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotServable(ValueError):
+    """A model that loaded but cannot be served by the streaming job (the message says why)."""
+
+
+@dataclass
+class ServingModel:
+    """An artifact plus what scoring needs precomputed once per model."""
+
+    artifact: ModelArtifact
+    cutoff_ms: int | None
+    count_mode: str          # "rows": each purchase counts 1 | "quantity": its units
+    reg_param: float
+    alpha: float
+    implicit: bool
+    scaling: str
+    gram: np.ndarray | None
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    @classmethod
+    def prepare(cls, artifact: ModelArtifact, default_count_mode: str = "rows") -> "ServingModel":
+        """Check that ``artifact`` can be served and precompute its gramian."""
+        params = artifact.params or {}
+        if artifact.rank < 1 or artifact.n_items < 1:
+            raise ModelNotServable(f"model {artifact.version} has no item factors (rank {artifact.rank}, "
+                                   f"{artifact.n_items} items): the streaming job folds customers in from them")
+        missing = [name for name in ("reg_param", "alpha") if name not in params]
+        if missing:
+            raise ModelNotServable(f"model {artifact.version} lacks the ALS parameter(s) {missing} needed "
+                                   "for the fold-in; publish it with the training parameters in params")
+        count_mode = str(artifact.stats.get("count_mode") or params.get("count_mode") or default_count_mode)
+        if count_mode not in ("rows", "quantity"):
+            raise ModelNotServable(f"model {artifact.version} has count_mode {count_mode!r}: use rows or quantity")
+        try:
+            cutoff_ms = iso_to_ms(artifact.cutoff_time)
+        except ValueError:
+            raise ModelNotServable(f"model {artifact.version} has an unreadable cutoff_time "
+                                   f"{artifact.cutoff_time!r}") from None
+        implicit = bool(params.get("implicit_prefs", True))
+        return cls(artifact=artifact, cutoff_ms=cutoff_ms, count_mode=count_mode,
+                   reg_param=float(params["reg_param"]), alpha=float(params["alpha"]), implicit=implicit,
+                   scaling=str(params.get("scaling", "none")),
+                   gram=scoring.gramian(artifact.item_factors) if implicit else None)
+
+
+class ModelHolder:
+    """The current ServingModel, refreshed from the store at micro-batch boundaries."""
+
+    def __init__(self, store, poll_ms: int, default_count_mode: str = "rows",
+                 clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.poll_ms = poll_ms
+        self.default_count_mode = default_count_mode
+        self.clock = clock
+        self.model: ServingModel | None = None
+        self.refused: set[str] = set()
+        self.swaps = 0
+        self._checked_at: float | None = None
+
+    def current(self, state_cutoff_ms: int | None = None) -> ServingModel | None:
+        """The model to score the next micro-batch with (polling the store when due).
+
+        ``state_cutoff_ms`` is the newest cutoff the state already applied; a newer one than the
+        serving model's means a model was published since the last poll: look now.
+        """
+        newer_in_state = (state_cutoff_ms is not None and self.model is not None
+                          and (self.model.cutoff_ms is None or state_cutoff_ms > self.model.cutoff_ms))
+        due = self._checked_at is None or (self.clock() - self._checked_at) * 1000 >= self.poll_ms
+        if due or newer_in_state or self.model is None:
+            self.poll()
+        return self.model
+
+    def poll(self) -> bool:
+        """Look at the store's pointer; load, check and swap in a new version. True on a swap."""
+        self._checked_at = self.clock()
+        try:
+            version = self.store.current_version()
+        except Exception as err:  # noqa: BLE001 - a store outage must not stop the stream
+            log.error("cannot read the current model pointer from %s (%s); still serving %s",
+                      self.store, err, self.model.version if self.model else "no model")
+            return False
+        if version is None:
+            if self.model is None:
+                log.warning("no model published in %s yet: purchases are kept in the state and "
+                            "customers are scored once the batch job publishes one", self.store)
+            return False
+        if (self.model is not None and version == self.model.version) or version in self.refused:
+            return False
+        return self._swap_to(version)
+
+    def _swap_to(self, version: str) -> bool:
+        started = time.perf_counter()
+        try:
+            candidate = ServingModel.prepare(self.store.load(version), self.default_count_mode)
+        except Exception as err:  # noqa: BLE001 - any broken model is refused, never served
+            self.refused.add(version)
+            log.error("REFUSED model %s from %s: %s; still serving %s", version, self.store, err,
+                      self.model.version if self.model else "no model (popularity needs a model too)")
+            return False
+        previous = self.model.version if self.model else None
+        self.model = candidate
+        self.swaps += 1
+        log.info("serving model %s (was %s): %d items, %d known customers, rank %d, cutoff %s, loaded in %.1f s",
+                 version, previous, candidate.artifact.n_items, candidate.artifact.n_users,
+                 candidate.artifact.rank, candidate.artifact.cutoff_time, time.perf_counter() - started)
+        return True
