@@ -18,7 +18,7 @@ import numpy as np
 
 from models import scoring
 
-MODEL_TYPES_WITH_FACTORS = ("als",)
+MODEL_TYPES_WITH_FACTORS = ("als", "blend")   # scored from factors (models.scorers)
 VERSION_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 
 
@@ -48,7 +48,7 @@ class ModelArtifact:
     """A trained model in plain numpy arrays (see the module docstring)."""
 
     version: str
-    model_type: str                      # "als"; later "popularity", "blend"
+    model_type: str                      # one of models.scorers.MODEL_TYPES: als | blend | popularity | item_knn
     item_ids: np.ndarray                 # str [n_items]; position = item index
     item_factors: np.ndarray             # float32 [n_items, rank] (rank 0 without factors)
     user_ids: np.ndarray                 # str [n_users]; position = user index

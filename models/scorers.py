@@ -1,0 +1,178 @@
+"""The scorer family: one function turns a customer's purchase counts into a ranked list for every
+model type, so the batch job and the streaming job serve the same lists from the same counts.
+
+Model types (``ModelArtifact.model_type``):
+
+* ``als``: fold the counts into a user vector (``scoring.fold_in``) and rank by dot product.
+* ``blend``: ``w * als / max_als + (1 - w) * popularity / max_popularity`` per customer, where
+  ``max_als`` is the customer's best ALS score over the catalogue and ``w`` is
+  ``params["blend_weight"]``. On small or sparse catalogues ALS alone can fall below the best
+  sellers; the prior pulls it back, and the weight is chosen on held-out data. The blend is an
+  extra factor column (user ``[w u / max_u, 1 - w]``, item ``[v, p / max_p]``), so the same
+  ``scoring.top_k`` ranks it: ``w = 0`` is the popularity ranking, ``w = 1`` the ALS ranking.
+* ``popularity``: the best sellers (the model the gate publishes when nothing beats it).
+* ``item_knn``: item-item cosine over the trained purchase matrix (binary), score = sum of the
+  similarities to the items the customer bought; computed from the artifact's purchase CSR.
+
+A customer with no purchase of a product the model knows gets the popularity list (strategy
+``popularity``); the others are ``personalized``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from models import scoring
+
+MODEL_TYPES = ("als", "blend", "popularity", "item_knn")
+PERSONALIZED = "personalized"
+POPULARITY = "popularity"
+# Dense user rows scored at once by the item-kNN scorer and its co-occurrence build (~64 MB).
+_DENSE_BUDGET = 16_777_216
+
+
+def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int,
+                          exclude_purchased: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Top-k per customer from their full purchase counts (CSR over the artifact's item index).
+
+    Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``; -1/NaN pad short lists.
+    """
+    model_type = artifact.model_type
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} cannot be scored: use one of {MODEL_TYPES}")
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.float32)
+    n = len(indptr) - 1
+    personal = np.diff(indptr) > 0
+    if model_type == POPULARITY:
+        personal[:] = False
+    item_idx = np.full((n, k), -1, dtype=np.int32)
+    scores = np.full((n, k), np.nan, dtype=np.float32)
+    rows = np.flatnonzero(personal)
+    if len(rows):
+        sub = _rows(indptr, indices, counts, rows)
+        excluded = sub[:2] if exclude_purchased else None
+        item_idx[rows], scores[rows] = _personal_top_k(artifact, *sub, k, excluded)
+    fallback = np.flatnonzero(~personal)
+    if len(fallback):
+        excluded = _rows(indptr, indices, counts, fallback)[:2] if exclude_purchased else None
+        item_idx[fallback], scores[fallback] = scoring.popularity_top_k(artifact.popularity, k, exclude=excluded)
+    return item_idx, scores, [PERSONALIZED if p else POPULARITY for p in personal]
+
+
+def _personal_top_k(artifact, indptr, indices, counts, k, excluded):
+    if artifact.model_type == "item_knn":
+        return _knn_top_k(artifact, indptr, indices, k, excluded)
+    vectors = user_vectors(artifact, indptr, indices, counts)
+    if artifact.model_type == "als":
+        return scoring.top_k(vectors, artifact.item_factors, k, exclude=excluded)
+    weight = float(artifact.params.get("blend_weight", 1.0))
+    users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight)
+    return scoring.top_k(users, items, k, exclude=excluded)
+
+
+def user_vectors(artifact, indptr, indices, counts) -> np.ndarray:
+    """ALS fold-in of the counts with the artifact's training parameters (gramian cached)."""
+    params = artifact.params or {}
+    implicit = bool(params.get("implicit_prefs", True))
+    cache = _cache(artifact)
+    if implicit and "gram" not in cache:
+        cache["gram"] = scoring.gramian(artifact.item_factors)
+    ratings = scoring.transform_counts(counts, str(params.get("scaling", "none")))
+    return scoring.fold_in(artifact.item_factors, indptr, indices, ratings, float(params["reg_param"]),
+                           float(params["alpha"]), implicit=implicit, gram=cache.get("gram"))
+
+
+def blend_factors(user_vectors: np.ndarray, item_factors: np.ndarray, popularity: np.ndarray,
+                  weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented (users, items) whose dot product is the blended score (see the module docstring)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"blend_weight must lie in [0, 1], got {weight}")
+    users = np.asarray(user_vectors, dtype=np.float32)
+    items = np.asarray(item_factors, dtype=np.float32)
+    best = scoring.top_k(users, items, 1)[1][:, 0].astype(np.float64) if len(users) else np.zeros(0)
+    scale = np.where(np.isfinite(best) & (best > 0), weight / np.where(best > 0, best, 1.0), 0.0)
+    popularity = np.asarray(popularity, dtype=np.float64)
+    prior = popularity / popularity.max() if popularity.size and popularity.max() > 0 else np.zeros_like(popularity)
+    blended_users = np.hstack([users * scale[:, None].astype(np.float32),
+                               np.full((len(users), 1), 1.0 - weight, dtype=np.float32)])
+    blended_items = np.hstack([items, prior[:, None].astype(np.float32)])
+    return blended_users, blended_items
+
+
+# ------------------------------------------------------------------------------------ item-kNN
+
+def item_cosine(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.ndarray:
+    """Item-item cosine similarity (float32 [n_items, n_items], zero diagonal) of binary purchases.
+
+    Co-occurrence ``X^T X`` is accumulated over dense blocks of users with one matrix product
+    each: a few seconds for thousands of items, no sparse library needed.
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    n_users = len(indptr) - 1
+    co = np.zeros((n_items, n_items), dtype=np.float32)
+    block = max(1, _DENSE_BUDGET // max(n_items, 1))
+    for begin in range(0, n_users, block):
+        end = min(n_users, begin + block)
+        dense = _dense_rows(indptr, indices, begin, end, n_items)
+        co += dense.T @ dense
+    norms = np.sqrt(np.diag(co).astype(np.float64))
+    inverse = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+    similarity = co * inverse[:, None] * inverse[None, :]
+    np.fill_diagonal(similarity, 0.0)
+    return similarity
+
+
+def _knn_top_k(artifact, indptr, indices, k, excluded):
+    cache = _cache(artifact)
+    if "similarity" not in cache:
+        trained_indptr, trained_indices, _ = artifact.user_items
+        cache["similarity"] = item_cosine(trained_indptr, trained_indices, artifact.n_items)
+    similarity = cache["similarity"]
+    n_users, n_items = len(indptr) - 1, artifact.n_items
+    item_idx = np.full((n_users, k), -1, dtype=np.int32)
+    scores = np.full((n_users, k), np.nan, dtype=np.float32)
+    block = max(1, _DENSE_BUDGET // max(n_items, 1))
+    for begin in range(0, n_users, block):
+        end = min(n_users, begin + block)
+        dense = _dense_rows(indptr, indices, begin, end, n_items)
+        block_excluded = None
+        if excluded is not None:
+            ex_indptr, ex_indices = excluded
+            block_excluded = (ex_indptr[begin:end + 1] - ex_indptr[begin], ex_indices[ex_indptr[begin]:ex_indptr[end]])
+        # similarity is symmetric: row scores = dense @ S = top_k(dense, S) with S as "item factors".
+        item_idx[begin:end], scores[begin:end] = scoring.top_k(dense, similarity, k, exclude=block_excluded)
+    return item_idx, scores
+
+
+def _dense_rows(indptr, indices, begin, end, n_items) -> np.ndarray:
+    """Binary dense rows ``begin:end`` of a CSR (unknown items, index < 0, ignored)."""
+    dense = np.zeros((end - begin, n_items), dtype=np.float32)
+    rows = np.repeat(np.arange(end - begin), np.diff(indptr[begin:end + 1]))
+    cols = indices[indptr[begin]:indptr[end]]
+    known = cols >= 0
+    dense[rows[known], cols[known]] = 1.0
+    return dense
+
+
+# ----------------------------------------------------------------------------------- internals
+
+def _rows(indptr, indices, counts, rows):
+    """The CSR of ``rows`` only, in their order: (indptr, indices, counts)."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    sub_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    take = np.repeat(starts - sub_indptr[:-1], lengths) + np.arange(sub_indptr[-1])
+    return sub_indptr, indices[take], counts[take]
+
+
+def _cache(artifact) -> dict:
+    """Per-artifact precomputations (gramian, item similarity), computed once per loaded model."""
+    cache: Optional[dict] = getattr(artifact, "_scorer_cache", None)
+    if cache is None:
+        cache = {}
+        artifact._scorer_cache = cache
+    return cache

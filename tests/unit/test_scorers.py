@@ -1,0 +1,97 @@
+"""The scorer family of models/scorers.py: blend limits, popularity type, item-kNN against a reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.artifact import ModelArtifact, new_version
+from models.scorers import item_cosine, recommend_from_counts
+from models.scoring import fold_in, popularity_top_k, top_k
+
+
+def _csr(rng, n_users: int, n_items: int, max_len: int):
+    lengths = rng.integers(0, max_len + 1, n_users)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.concatenate([np.sort(rng.choice(n_items, size=n, replace=False)) for n in lengths]).astype(np.int32)
+    counts = rng.integers(1, 5, indptr[-1]).astype(np.float32)
+    return indptr, indices, counts
+
+
+def _artifact(model_type: str, weight: float | None = None, n_users=40, n_items=70, rank=6, seed=3):
+    rng = np.random.default_rng(seed)
+    indptr, indices, counts = _csr(rng, n_users, n_items, 8)
+    params = {"rank": rank, "reg_param": 0.1, "alpha": 2.0, "implicit_prefs": True, "scaling": "none"}
+    if weight is not None:
+        params["blend_weight"] = weight
+    return ModelArtifact(
+        version=new_version(), model_type=model_type, item_ids=np.array([f"P{i}" for i in range(n_items)]),
+        item_factors=rng.normal(size=(n_items, rank)).astype(np.float32),
+        user_ids=np.array([f"C{u}" for u in range(n_users)]),
+        user_factors=rng.normal(size=(n_users, rank)).astype(np.float32),
+        popularity=rng.integers(0, 30, n_items).astype(np.float64),
+        user_items_indptr=indptr, user_items_indices=indices, user_items_counts=counts, params=params).validate()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_blend_weight_zero_is_popularity_and_one_is_als(exclude):
+    als = _artifact("als")
+    indptr, indices, counts = als.user_items
+    als_items, _, strategies = recommend_from_counts(als, indptr, indices, counts, 10, exclude)
+    at_one, _, _ = recommend_from_counts(_artifact("blend", 1.0), indptr, indices, counts, 10, exclude)
+    np.testing.assert_array_equal(at_one, als_items)
+
+    at_zero, _, _ = recommend_from_counts(_artifact("blend", 0.0), indptr, indices, counts, 10, exclude)
+    popular, _ = popularity_top_k(als.popularity, 10, exclude=(indptr, indices) if exclude else None)
+    np.testing.assert_array_equal(at_zero, np.broadcast_to(popular, at_zero.shape))
+
+    halfway, _, _ = recommend_from_counts(_artifact("blend", 0.5), indptr, indices, counts, 10, exclude)
+    assert not np.array_equal(halfway, als_items) and not np.array_equal(halfway, at_zero)
+    # ALS itself: the fold-in of the counts, ranked by top_k (the same code the stream runs).
+    personal = np.diff(indptr) > 0
+    vectors = fold_in(als.item_factors, indptr, indices, counts, 0.1, 2.0)
+    expected, _ = top_k(vectors[personal], als.item_factors, 10,
+                        exclude=_sub(indptr, indices, np.flatnonzero(personal)) if exclude else None)
+    np.testing.assert_array_equal(als_items[personal], expected)
+    assert strategies == ["personalized" if p else "popularity" for p in personal]
+
+
+def _sub(indptr, indices, rows):
+    lengths = indptr[rows + 1] - indptr[rows]
+    return (np.concatenate([[0], np.cumsum(lengths)]),
+            np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in rows]))
+
+
+def test_the_popularity_type_gives_everyone_the_best_sellers_minus_their_purchases():
+    model = _artifact("popularity")
+    indptr, indices, counts = model.user_items
+    items, scores, strategies = recommend_from_counts(model, indptr, indices, counts, 5, True)
+    order = np.lexsort((np.arange(model.n_items), -model.popularity))
+    for user in range(model.n_users):
+        bought = set(indices[indptr[user]:indptr[user + 1]])
+        assert list(items[user]) == [i for i in order if i not in bought][:5]
+    assert set(strategies) == {"popularity"}
+    np.testing.assert_array_equal(scores, model.popularity[items])
+
+
+def test_item_cosine_matches_a_direct_computation():
+    rng = np.random.default_rng(5)
+    indptr, indices, _ = _csr(rng, 30, 25, 6)
+    dense = np.zeros((30, 25))
+    dense[np.repeat(np.arange(30), np.diff(indptr)), indices] = 1.0
+    norms = np.linalg.norm(dense, axis=0)
+    expected = (dense.T @ dense) / np.maximum(np.outer(norms, norms), 1e-12)
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(item_cosine(indptr, indices, 25), expected, atol=1e-6)
+
+
+def test_item_knn_ranks_by_summed_similarity_to_the_customers_items():
+    model = _artifact("item_knn")
+    indptr, indices, counts = model.user_items
+    items, scores, _ = recommend_from_counts(model, indptr, indices, counts, 5, True)
+    similarity = item_cosine(indptr, indices, model.n_items)
+    for user in np.flatnonzero(np.diff(indptr) > 0)[:10]:
+        bought = indices[indptr[user]:indptr[user + 1]]
+        expected = similarity[bought].sum(axis=0)
+        expected[bought] = -np.inf
+        np.testing.assert_allclose(scores[user], np.sort(expected)[::-1][:5], rtol=1e-5)
+        assert not set(items[user]) & set(bought)
