@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from batch_training.candidates import (Candidate, candidates_from_config, recommend_candidates, scoring_artifact,
+                                       select)
 from batch_training.data import aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
@@ -41,6 +43,7 @@ class BatchResult:
     version: str | None
     published: bool
     params: AlsParams
+    model_type: str
     metrics: dict[str, Any]
     stats: dict[str, Any]
     output_dir: Path
@@ -129,26 +132,36 @@ def run(cfg: Config, spark=None) -> BatchResult:
         chosen, cv_summary = base, []
     log.info("chosen parameters: %s", chosen.label())
 
+    candidates = candidates_from_config(cfg) if metric not in LOWER_IS_BETTER else [Candidate("als")]
+    selected, selection = candidates[0], {}
+    if len(candidates) > 1:
+        stages.start(f"model selection on a validation split ({len(candidates)} candidates)")
+        selected, selection = _select_scorer(cfg, train, method, data_cfg, chosen, candidates, n_users, n_items,
+                                             k, exclude, metric)
+    log.info("selected model: %s", selected.name)
+
     stages.start("evaluation on the holdout")
     holdout_factors = fit_als(train, chosen, n_users, n_items)
-    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude)
+    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, candidates, selected)
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
+    metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
+                            "blend_weight": selected.blend_weight, "metric": metric, "validation": selection}
 
     stages.start("final fit on all data")
     final = fit_als(indexed, chosen, n_users, n_items)
 
     stages.start(f"top-{k} for every customer")
     all_pairs = PairArrays.collect(indexed, n_users)
-    item_idx, scores = _recommend_all(spark, cfg, final, all_pairs if exclude else None, k)
     popularity = item_popularity(indexed, n_items)
-
-    stages.start("write recommendations")
     customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
     cutoff = events.agg({"event_time": "max"}).first()[0]
     artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
-                         stats, metrics)
+                         stats, metrics, selected)
+    item_idx, scores, strategies = _recommend_all(spark, cfg, final, artifact, all_pairs, exclude, k)
+
+    stages.start("write recommendations")
     # Each run writes into its own version folder; the top-level files are the published model's.
     output_dir = _output_dir(cfg)
     run_dir = output_dir / "versions" / artifact.version
@@ -158,16 +171,18 @@ def run(cfg: Config, spark=None) -> BatchResult:
     _log_example(customer_ids, product_ids, item_idx, scores)
 
     stages.start("publish")
-    result = BatchResult(version=artifact.version, published=False, params=chosen, metrics=metrics,
+    result = BatchResult(version=artifact.version, published=False, params=chosen,
+                         model_type=artifact.model_type, metrics=metrics,
                          stats=stats, output_dir=output_dir, recommendations_written=written)
     published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude)
     result.published, result.gate_reason = published, reason
     if published and (cfg.get_path("batch.write_table", False) or cfg.get_path("batch.write_topic", False)):
-        _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, indexed)
+        _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, strategies, indexed)
     stages.stop()
     result.stage_seconds = stages.seconds
     (run_dir / "run_summary.json").write_text(json.dumps(
-        {"version": artifact.version, "published": published, "gate": reason, "params": chosen.as_dict(),
+        {"version": artifact.version, "published": published, "gate": reason, "model_type": artifact.model_type,
+         "params": artifact.params,
          "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
     if published:
         for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json"):
@@ -221,35 +236,85 @@ def _rmse(factors: Factors, pairs) -> float:
     return rmse(predicted, frame["count"].to_numpy(np.float64))
 
 
-def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int, k: int,
-                      exclude_main: bool) -> dict[str, Any]:
-    """Model and popularity on the same split, with purchased items excluded and included."""
+def _select_scorer(cfg: Config, train, method: str, data_cfg: dict, params: AlsParams,
+                   candidates: list[Candidate], n_users: int, n_items: int, k: int, exclude: bool,
+                   metric: str) -> tuple[Candidate, dict]:
+    """Choose the scorer on a validation split of the training part (the holdout stays unseen)."""
+    fit_part, validation = holdout_split(train, method=method,
+                                         test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
+                                         seed=int(cfg.get_path("batch.holdout.seed", 42)) + 1,
+                                         count_mode=str(data_cfg.get("count_mode", "rows")))
+    fit_part, validation = fit_part.cache(), validation.cache()
+    factors = fit_als(fit_part, params, n_users, n_items)
+    table = _candidate_table(factors, fit_part, validation, n_users, n_items, k, exclude, candidates)
+    fit_part.unpersist()
+    validation.unpersist()
+    lift = float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1))
+    selected = select(table, candidates, metric, lift)
+    log.info("validation metrics of every candidate (purchased items %s); selected %s by %s@%d:\n%s",
+             "excluded" if exclude else "included", selected.name, metric, k, format_metrics_table(table))
+    return selected, {name: {m: row.get(m) for m in ("map", "ndcg", "precision", "recall")}
+                      for name, row in table.items()}
+
+
+def _candidate_table(factors: Factors, train, test, n_users: int, n_items: int, k: int, exclude: bool,
+                     candidates: list[Candidate]) -> dict[str, dict]:
+    """Every candidate's metrics on one split, all scored from the same training counts and fit."""
     popularity = item_popularity(train, n_items)
     purchased = PairArrays.collect(train, n_users)
-    report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main}
+    base = scoring_artifact(factors.item_factors, purchased.indptr, purchased.indices, purchased.counts,
+                            popularity.buyers.astype(np.float64), factors.params.as_dict())
+    users = evaluation_users(test, exclude)
+    relevant = relevant_sets(test, users, exclude)
+    lists = recommend_candidates(base, candidates, users, k, exclude)
+    return {name: evaluate(recs, relevant, k, n_items, popularity, factors.item_factors)
+            for name, recs in lists.items()}
+
+
+def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int, k: int,
+                      exclude_main: bool, candidates: list[Candidate] | None = None,
+                      selected: Candidate | None = None) -> dict[str, Any]:
+    """The selected model ("model") beside every candidate and the popularity and item-kNN baselines,
+    on the same split, with purchased items excluded and included."""
+    selected = selected or Candidate("als")
+    everyone = list(candidates or [selected])
+    for baseline in (Candidate("popularity"), Candidate("item_knn"), Candidate("als")):
+        if baseline not in everyone:
+            everyone.append(baseline)
+    report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main, "selected": selected.name}
     for exclude in (True, False):
-        users = evaluation_users(test, exclude)
-        relevant = relevant_sets(test, users, exclude)
-        model_recs, _ = recommend_users(factors, users, k, purchased if exclude else None)
-        baseline = popularity_recommendations(train, users, n_items, k, exclude, popularity)
-        table = {"model": evaluate(model_recs, relevant, k, n_items, popularity, factors.item_factors),
-                 "popularity": evaluate(baseline, relevant, k, n_items, popularity, factors.item_factors)}
+        rows = _candidate_table(factors, train, test, n_users, n_items, k, exclude, everyone)
+        table = {"model": rows[selected.name], **rows}
         key = "exclude_purchased" if exclude else "include_purchased"
         report[key] = table
-        log.info("holdout metrics, purchased items %s (%s customers):\n%s",
-                 "excluded" if exclude else "included", f"{users.size:,}", format_metrics_table(table))
+        log.info("holdout metrics, purchased items %s (%s customers); model = %s:\n%s",
+                 "excluded" if exclude else "included", f"{table['model'].get('users', 0):,}", selected.name,
+                 format_metrics_table(table))
     if not factors.params.implicit_prefs:
         report["rmse"] = {"train": _rmse(factors, train), "test": _rmse(factors, test)}
         log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
     return report
 
 
-def _recommend_all(spark, cfg: Config, factors: Factors, exclude: PairArrays | None, k: int):
-    """Top-k for every customer from the exported factors (blocked products, not recommendForAllUsers).
+def _recommend_all(spark, cfg: Config, factors: Factors, artifact, all_pairs: PairArrays, exclude_purchased: bool,
+                   k: int):
+    """Top-k for every customer: ``(item_idx, scores, strategies)``.
 
+    ALS lists come from the exported factors (blocked products, not recommendForAllUsers);
     ``batch.topk_engine``: ``driver`` (numpy on the driver; fastest while the factors fit there) or
     ``spark`` (the same scoring in a pandas UDF over distributed user factors, for large user bases).
+    The other model types are scored by models.scorers from the counts, as the stream scores them.
     """
+    from models.scorers import recommend_from_counts
+
+    if artifact.model_type != "als":
+        return recommend_from_counts(artifact, all_pairs.indptr, all_pairs.indices, all_pairs.counts, k,
+                                     exclude_purchased)
+    item_idx, scores = _als_top_k(spark, cfg, factors, all_pairs if exclude_purchased else None, k)
+    return item_idx, scores, ["personalized"] * len(item_idx)
+
+
+def _als_top_k(spark, cfg: Config, factors: Factors, exclude: PairArrays | None, k: int):
     from models.scoring import top_k
 
     n_users = factors.user_factors.shape[0]
@@ -316,15 +381,20 @@ def _log_example(customer_ids, product_ids, item_idx, scores) -> None:
 
 
 def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, buyers, pairs: PairArrays,
-              cutoff, stats: dict, metrics: dict):
+              cutoff, stats: dict, metrics: dict, selected: Candidate | None = None):
+    """The model to publish. Every type keeps the ALS factors, so a scorer that only knows ALS can
+    still load it (and the blend needs them)."""
     from models.artifact import ModelArtifact, new_version
 
+    selected = selected or Candidate("als")
     cutoff_iso = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z" if cutoff is not None else None
     artifact = ModelArtifact(
-        version=new_version(), model_type="als", item_ids=product_ids, item_factors=factors.item_factors,
+        version=new_version(), model_type=selected.model_type, item_ids=product_ids,
+        item_factors=factors.item_factors,
         user_ids=customer_ids, user_factors=factors.user_factors, popularity=buyers.astype(np.float64),
         user_items_indptr=pairs.indptr, user_items_indices=pairs.indices, user_items_counts=pairs.counts,
-        params=params.as_dict(), cutoff_time=cutoff_iso, stats=_jsonable(stats), metrics=_jsonable(metrics))
+        params={**params.as_dict(), **selected.params()}, cutoff_time=cutoff_iso, stats=_jsonable(stats),
+        metrics=_jsonable(metrics))
     artifact.validate()
     return artifact
 
@@ -371,6 +441,8 @@ def gate_decision(cfg: Config, metrics: dict, metric: str, exclude: bool,
         return True, f"test {metric} {value:.4f} (explicit mode has no popularity comparison)"
     model = metrics[table_key]["model"][metric]
     baseline = metrics[table_key]["popularity"][metric]
+    if metrics.get("selection", {}).get("model_type") == "popularity":
+        return _gate_popularity(metrics, metric, table_key, tolerance, current)
     if not model >= baseline * (1 + lift) or not np.isfinite(model):
         return False, (f"{metric}@{metrics['k']} {model:.4f} does not beat popularity {baseline:.4f} by the "
                        f"required {lift:.0%} (batch.publish.min_lift_over_popularity)")
@@ -385,7 +457,24 @@ def gate_decision(cfg: Config, metrics: dict, metric: str, exclude: bool,
     return True, reason
 
 
-def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, scores, indexed) -> None:
+def _gate_popularity(metrics: dict, metric: str, table_key: str, tolerance: float,
+                     current: dict | None) -> tuple[bool, str]:
+    """The popularity model is published when no trained candidate beat it, unless it would fall
+    too far below the current model."""
+    model = metrics[table_key]["model"][metric]
+    reason = (f"popularity model: no trained candidate beats popularity by the required margin "
+              f"(it does not beat popularity); {metric}@{metrics['k']} {model:.4f}")
+    if not np.isfinite(model):
+        return False, reason + " is not a number"
+    previous = ((current or {}).get(table_key) or {}).get("model", {}).get(metric)
+    if previous is not None and model < previous * (1 - tolerance):
+        return False, (f"{reason} is more than {tolerance:.0%} below the current model's {previous:.4f} "
+                       "(batch.publish.max_drop_vs_current)")
+    return True, reason + (f"; current model had {previous:.4f}" if previous is not None else "")
+
+
+def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, scores, strategies,
+                 indexed) -> None:
     """Every customer's list to the table and/or topic, through the writer the streaming job uses."""
     from pyspark.sql import functions as F
 
@@ -396,7 +485,7 @@ def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, sco
     last_ms[last["user"].to_numpy()] = [None if t is None or t != t else int(t.timestamp() * 1000)
                                         for t in last["t"]]
     records = build_records(customer_ids, item_idx, scores, product_ids, artifact.version,
-                            ["personalized"] * len(customer_ids), list(last_ms), source="batch")
+                            list(strategies), list(last_ms), source="batch")
     writer = RecordWriter(cfg, to_topic=bool(cfg.get_path("batch.write_topic", False)),
                           to_table=bool(cfg.get_path("batch.write_table", False)))
     try:
