@@ -102,6 +102,73 @@ def blend_factors(user_vectors: np.ndarray, item_factors: np.ndarray, popularity
     return blended_users, blended_items
 
 
+# ------------------------------------------------------------------------- buy again / discover
+
+def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Products each customer bought before, best first: ``(item_idx int32 [n, k], scores float32)``.
+
+    score = relevance / the customer's best relevance + count / the customer's largest count, so
+    what the model predicts and what the customer buys often (recently, with recency-weighted
+    counts, see models.recency) both lift a product. Ties by lower item index; -1/NaN padding.
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.float64)
+    n = len(indptr) - 1
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    known = indices >= 0
+    relevance = np.zeros(len(indices))
+    relevance[known] = pair_scores(artifact, indptr, indices, counts, rows[known], indices[known])
+    combined = _share_of_row_max(relevance, rows, n) + _share_of_row_max(counts, rows, n)
+    rows, items, combined = rows[known], indices[known], combined[known]
+    order = np.lexsort((items, -combined, rows))
+    rows, items, combined = rows[order], items[order], combined[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    take = rank < k
+    item_idx = np.full((n, k), -1, dtype=np.int32)
+    scores = np.full((n, k), np.nan, dtype=np.float32)
+    item_idx[rows[take], rank[take]] = items[take]
+    scores[rows[take], rank[take]] = combined[take]
+    return item_idx, scores
+
+
+def discover(artifact, indptr, indices, counts, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Products each customer has not bought: the model's list with purchases excluded."""
+    return recommend_from_counts(artifact, indptr, indices, counts, k, exclude_purchased=True)
+
+
+def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The model's score of ``items[j]`` for customer ``rows[j]`` (float64), as the ranking uses it."""
+    model_type = artifact.model_type
+    rows, items = np.asarray(rows, dtype=np.int64), np.asarray(items, dtype=np.int64)
+    if model_type == POPULARITY or len(rows) == 0:
+        return np.asarray(artifact.popularity, dtype=np.float64)[items]
+    if model_type == "item_knn":
+        similarity = _similarity(artifact)
+        result = np.zeros(len(rows))
+        for row in np.unique(rows):
+            bought = indices[indptr[row]:indptr[row + 1]]
+            wanted = rows == row
+            result[wanted] = similarity[items[wanted]][:, bought[bought >= 0]].sum(axis=1)
+        return result
+    vectors = user_vectors(artifact, np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
+                           np.asarray(counts, dtype=np.float32))
+    item_factors = artifact.item_factors
+    if model_type == "blend":
+        vectors, item_factors = blend_factors(vectors, item_factors, artifact.popularity,
+                                              float(artifact.params.get("blend_weight", 1.0)))
+    return np.einsum("ij,ij->i", vectors[rows].astype(np.float64), item_factors[items].astype(np.float64))
+
+
+def _share_of_row_max(values: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """Each value over its row's largest value (0 where that is not positive)."""
+    top = np.full(n_rows, -np.inf)
+    np.maximum.at(top, rows, values)
+    scale = top[rows]
+    return np.where(scale > 0, values / np.where(scale > 0, scale, 1.0), 0.0)
+
+
 # ------------------------------------------------------------------------------------ item-kNN
 
 def item_cosine(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.ndarray:
@@ -127,11 +194,7 @@ def item_cosine(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.nda
 
 
 def _knn_top_k(artifact, indptr, indices, k, excluded):
-    cache = _cache(artifact)
-    if "similarity" not in cache:
-        trained_indptr, trained_indices, _ = artifact.user_items
-        cache["similarity"] = item_cosine(trained_indptr, trained_indices, artifact.n_items)
-    similarity = cache["similarity"]
+    similarity = _similarity(artifact)
     n_users, n_items = len(indptr) - 1, artifact.n_items
     item_idx = np.full((n_users, k), -1, dtype=np.int32)
     scores = np.full((n_users, k), np.nan, dtype=np.float32)
@@ -146,6 +209,14 @@ def _knn_top_k(artifact, indptr, indices, k, excluded):
         # similarity is symmetric: row scores = dense @ S = top_k(dense, S) with S as "item factors".
         item_idx[begin:end], scores[begin:end] = scoring.top_k(dense, similarity, k, exclude=block_excluded)
     return item_idx, scores
+
+
+def _similarity(artifact) -> np.ndarray:
+    cache = _cache(artifact)
+    if "similarity" not in cache:
+        trained_indptr, trained_indices, _ = artifact.user_items
+        cache["similarity"] = item_cosine(trained_indptr, trained_indices, artifact.n_items)
+    return cache["similarity"]
 
 
 def _dense_rows(indptr, indices, begin, end, n_items) -> np.ndarray:

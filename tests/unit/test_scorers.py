@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.artifact import ModelArtifact, new_version
-from models.scorers import item_cosine, recommend_from_counts
+from models.scorers import buy_again, discover, item_cosine, recommend_from_counts
 from models.scoring import fold_in, popularity_top_k, top_k
 
 
@@ -95,3 +95,30 @@ def test_item_knn_ranks_by_summed_similarity_to_the_customers_items():
         expected[bought] = -np.inf
         np.testing.assert_allclose(scores[user], np.sort(expected)[::-1][:5], rtol=1e-5)
         assert not set(items[user]) & set(bought)
+
+
+@pytest.mark.parametrize("model_type", ["als", "blend", "popularity", "item_knn"])
+def test_buy_again_holds_only_past_purchases_and_never_overlaps_discover(model_type):
+    model = _artifact(model_type, 0.5 if model_type == "blend" else None)
+    indptr, indices, counts = model.user_items
+    again, again_scores = buy_again(model, indptr, indices, counts, 5)
+    new, _, _ = discover(model, indptr, indices, counts, 5)
+    for user in range(model.n_users):
+        bought = set(indices[indptr[user]:indptr[user + 1]])
+        listed = [i for i in again[user] if i >= 0]
+        assert set(listed) <= bought and len(listed) == min(5, len(bought))
+        assert not set(listed) & set(new[user])
+        valid = again_scores[user][:len(listed)]
+        assert np.all(np.diff(valid) <= 1e-6)  # best first
+
+
+def test_buy_again_ranks_by_relevance_plus_purchase_frequency():
+    model = _artifact("popularity")
+    popularity = np.zeros(model.n_items)
+    popularity[[1, 2, 3]] = [10.0, 5.0, 1.0]
+    model.popularity = popularity
+    indptr, indices, counts = np.array([0, 3]), np.array([1, 2, 3]), np.array([1.0, 1.0, 4.0])
+    items, scores = buy_again(model, indptr, indices, counts, 3)
+    # 1: 10/10 + 1/4 = 1.25, 2: 0.5 + 0.25 = 0.75, 3: 0.1 + 1 = 1.1
+    assert list(items[0]) == [1, 3, 2]
+    np.testing.assert_allclose(scores[0], [1.25, 1.1, 0.75], rtol=1e-6)
