@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from batch_training.candidates import (Candidate, candidates_from_config, recommend_candidates, scoring_artifact,
-                                       select)
+from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
+                                       scoring_artifact, select)
 from batch_training.data import aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
@@ -166,7 +166,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     output_dir = _output_dir(cfg)
     run_dir = output_dir / "versions" / artifact.version
     run_dir.mkdir(parents=True, exist_ok=True)
-    written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores)
+    again_idx, again_scores = _buy_again_all(artifact, all_pairs, k)
+    written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores, again_idx, again_scores)
     log.info("recommendations written for %s customers to %s", f"{written:,}", run_dir)
     _log_example(customer_ids, product_ids, item_idx, scores)
 
@@ -177,7 +178,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude)
     result.published, result.gate_reason = published, reason
     if published and (cfg.get_path("batch.write_table", False) or cfg.get_path("batch.write_topic", False)):
-        _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, strategies, indexed)
+        _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, strategies, indexed,
+                     (again_idx, again_scores))
     stages.stop()
     result.stage_seconds = stages.seconds
     (run_dir / "run_summary.json").write_text(json.dumps(
@@ -290,10 +292,39 @@ def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int,
         log.info("holdout metrics, purchased items %s (%s customers); model = %s:\n%s",
                  "excluded" if exclude else "included", f"{table['model'].get('users', 0):,}", selected.name,
                  format_metrics_table(table))
+    report["buy_again"] = _evaluate_buy_again(factors, train, test, n_users, n_items, k, selected)
     if not factors.params.implicit_prefs:
         report["rmse"] = {"train": _rmse(factors, train), "test": _rmse(factors, test)}
         log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
     return report
+
+
+def _evaluate_buy_again(factors: Factors, train, test, n_users: int, n_items: int, k: int,
+                        selected: Candidate) -> dict[str, dict]:
+    """The buy-again list against the held-out repurchases (only the time split has any); the
+    discover list is the "exclude_purchased" table (held-out new products)."""
+    from pyspark.sql import functions as F
+
+    from models.scorers import buy_again
+
+    repurchases = test.where(F.col("repurchase"))
+    users = evaluation_users(repurchases, False)
+    if users.size == 0:
+        log.info("buy-again: no held-out repurchases on this split (the random split holds out new products only)")
+        return {}
+    relevant = relevant_sets(repurchases, users, False)
+    popularity = item_popularity(train, n_items)
+    purchased = PairArrays.collect(train, n_users)
+    base = scoring_artifact(factors.item_factors, purchased.indptr, purchased.indices, purchased.counts,
+                            popularity.buyers.astype(np.float64), factors.params.as_dict())
+    indptr, indices, counts = base.user_items_of(users)
+    table = {}
+    for candidate in dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]):
+        lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k)
+        table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, n_items, popularity)
+    log.info("buy-again lists on the held-out repurchases (%s customers):\n%s", f"{users.size:,}",
+             format_metrics_table(table))
+    return table
 
 
 def _recommend_all(spark, cfg: Config, factors: Factors, artifact, all_pairs: PairArrays, exclude_purchased: bool,
@@ -357,15 +388,28 @@ def _output_dir(cfg: Config) -> Path:
     return path
 
 
+def _buy_again_all(artifact, pairs: PairArrays, k: int) -> tuple[np.ndarray, np.ndarray]:
+    from models.scorers import buy_again
+
+    return buy_again(artifact, pairs.indptr, pairs.indices, pairs.counts, k)
+
+
 def _write_recommendations(output_dir: Path, customer_ids: np.ndarray, product_ids: np.ndarray,
-                           item_idx: np.ndarray, scores: np.ndarray) -> int:
-    """recommendations.csv (one row per customer, like the original) and recommendations.parquet."""
+                           item_idx: np.ndarray, scores: np.ndarray, again_idx: np.ndarray | None = None,
+                           again_scores: np.ndarray | None = None) -> int:
+    """recommendations.csv (one row per customer, like the original) and recommendations.parquet
+    (which also holds the buy-again list: products the customer bought before)."""
     import pandas as pd
 
     lists = [[product_ids[i] for i in row if i >= 0] for row in item_idx]
     score_lists = [[round(float(s), 6) for s, i in zip(srow, row) if i >= 0] for srow, row in zip(scores, item_idx)]
     frame = pd.DataFrame({"customer_id": customer_ids, "recommendations": lists, "scores": score_lists})
-    frame.to_parquet(output_dir / "recommendations.parquet", index=False)
+    extended = frame
+    if again_idx is not None:
+        extended = frame.assign(buy_again=[[product_ids[i] for i in row if i >= 0] for row in again_idx],
+                                buy_again_scores=[[round(float(s), 6) for s, i in zip(srow, row) if i >= 0]
+                                                  for srow, row in zip(again_scores, again_idx)])
+    extended.to_parquet(output_dir / "recommendations.parquet", index=False)
     csv = frame.assign(recommendations=[" ".join(x) for x in lists],
                        scores=[" ".join(f"{s:.6f}" for s in x) for x in score_lists])
     csv.to_csv(output_dir / "recommendations.csv", index=False)
@@ -474,7 +518,7 @@ def _gate_popularity(metrics: dict, metric: str, table_key: str, tolerance: floa
 
 
 def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, scores, strategies,
-                 indexed) -> None:
+                 indexed, again: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Every customer's list to the table and/or topic, through the writer the streaming job uses."""
     from pyspark.sql import functions as F
 
@@ -486,6 +530,10 @@ def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, sco
                                         for t in last["t"]]
     records = build_records(customer_ids, item_idx, scores, product_ids, artifact.version,
                             list(strategies), list(last_ms), source="batch")
+    if again is not None:
+        for record, row, row_scores in zip(records, *again):
+            record.extra["buy_again"] = [{"rank": rank, "product_id": str(product_ids[i]), "score": round(float(s), 6)}
+                                         for rank, (i, s) in enumerate(zip(row, row_scores), 1) if i >= 0]
     writer = RecordWriter(cfg, to_topic=bool(cfg.get_path("batch.write_topic", False)),
                           to_table=bool(cfg.get_path("batch.write_table", False)))
     try:
