@@ -43,14 +43,36 @@ def cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def _services(cfg):
+    """Start the services (or reuse running ones); stop them when the last test session using them ends.
+
+    Several test sessions may run at once on one machine (a developer's and an editor's); each
+    registers itself under .run/test/sessions, and only the last one out stops the services.
+    """
     from infra.services import all_services
 
+    sessions = TEST_RUN_DIR / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    mine = sessions / str(os.getpid())
+    mine.touch()
     services = all_services(cfg)
-    started = [key for key, service in services.items() if service.start()]
+    for service in services.values():
+        service.start()
     yield services
-    if os.environ.get("RECO_TEST_KEEP_SERVICES") != "1":
-        for key in started:
-            services[key].stop()
+    mine.unlink(missing_ok=True)
+    others = [f for f in sessions.iterdir() if _pid_alive(int(f.name))] if sessions.exists() else []
+    if not others and os.environ.get("RECO_TEST_KEEP_SERVICES") != "1":
+        for service in services.values():
+            service.stop()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _alive(service):
