@@ -435,11 +435,16 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _env(run_dir: Path) -> dict[str, str]:
-    return {**os.environ, "RECO__RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+    """Each part: its own run dir; this checkout's code first (also in Spark's python workers)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "RECO__RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+JOB_SETTINGS: list[str] = []   # --job-set values, passed to every python -m batch_training run
 
 
 def _job(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "batch_training", *args]
+    return [sys.executable, "-m", "batch_training", *args, *(a for s in JOB_SETTINGS for a in ("--set", s))]
 
 
 def _worker(*args: str) -> list[str]:
@@ -458,7 +463,7 @@ def orchestrate(opts: argparse.Namespace, save: Callable[[dict[str, Any]], None]
     if not data.exists():
         subprocess.run([sys.executable, "-m", "batch_training.generate", "--out", str(data_dir),
                         "--factor", str(opts.factor), "--seed", "42"], cwd=REPO, check=True)
-    results: dict[str, Any] = {"factor": opts.factor, "machine": machine_facts(),
+    results: dict[str, Any] = {"factor": opts.factor, "machine": machine_facts(), "job_settings": JOB_SETTINGS,
                                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                                "load_start": load_average(), "parts": {}}
     parts = [p for p in PARTS if p in opts.parts]
@@ -647,14 +652,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--customers", type=int, default=1000, help="customers in the scoring-core measurement")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the JSON and markdown")
+    parser.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a --set passed to every python -m batch_training run (e.g. batch.scorers.candidates=[als])")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
     opts = parser.parse_args(argv)
+    JOB_SETTINGS.extend(opts.job_set)
     opts.parts = [p.strip() for p in opts.parts.split(",") if p.strip()]
     unknown = set(opts.parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}: choose from {', '.join(PARTS)}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"batch_f{opts.factor:g}" + ("" if set(opts.parts) == set(PARTS) else "_" + "-".join(opts.parts))
+    stem = f"batch_f{opts.factor:g}" + ("" if set(opts.parts) == set(PARTS) else "_" + "-".join(opts.parts)) \
+        + (f"_{opts.tag}" if opts.tag else "")
 
     def save(results: dict[str, Any]) -> None:
         (out / f"{stem}.json").write_text(_shown(json.dumps(results, indent=2, default=str)))
