@@ -99,8 +99,8 @@ class StreamMetrics:
         delivers it first.
         """
         name = progress.name or ""
-        if name not in (SCORING_QUERY, DEAD_LETTER_QUERY):
-            return None
+        if name not in (SCORING_QUERY, DEAD_LETTER_QUERY) or "addBatch" not in (progress.durationMs or {}):
+            return None   # another query, or an idle trigger's report (no batch ran)
         seen = (name, str(progress.runId), int(progress.batchId))
         observed = (progress.observedMetrics or {}).get(VALIDATION_OBSERVATION)
         invalid = int(observed["invalid_rows"] or 0) if observed is not None else 0

@@ -12,7 +12,8 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -306,3 +307,193 @@ def test_replayed_events_change_nothing(scenario):
     assert latest_records(cfg) == scenario["after_run2"]
     for customer, before in scenario["table_after_run2"].items():
         assert read_table_item(cfg, customer) == before
+
+
+# -- hot swap ----------------------------------------------------------------------------------
+def _break_and_point_to(store: ModelStore, model: ModelArtifact) -> str:
+    """Publish a version, then corrupt one of its files behind the store's back (a disk or copy
+    fault); the pointer names it, so the running job must refuse it."""
+    version = store.write(replace(model, version=new_version()))
+    factors = store.backend.root / "versions" / version / "item_factors.npy"
+    factors.write_bytes(factors.read_bytes()[:-64])
+    store.backend.put_bytes("CURRENT", json.dumps({"version": version, "published_at": "now"}).encode())
+    return version
+
+
+def test_a_model_published_while_events_flow_is_picked_up(spark, job_cfg, model, caplog):
+    """Events flow all along (a producer thread); once the job has scored with the first model a
+    second is published, and once that is served a broken third is pointed at."""
+    from streaming.job import StreamingJob
+
+    store = ModelStore.from_config(job_cfg)
+    customers = [str(c) for c in model.user_ids[:6]] + ["NEW-HOT-1", "NEW-HOT-2"]
+    products = [str(p) for p in model.item_ids[model.popularity_order()[:40]]]
+    second = replace(model, version=new_version(), cutoff_time=cutoff_plus(model, minutes=40))
+    caplog.set_level(logging.INFO, logger="streaming")
+    events: list[dict] = []
+    stop_flow = threading.Event()
+
+    def flow() -> None:                   # one purchase a minute (event time) after the first cutoff
+        while not stop_flow.is_set() and len(events) < 2000:
+            batch = [event(f"hot-{i}", customers[i % len(customers)], products[i % len(products)],
+                           cutoff_plus(model, minutes=i + 1)) for i in range(len(events), len(events) + 5)]
+            produce(job_cfg, batch)
+            events.extend(batch)
+            time.sleep(0.4)
+
+    job = StreamingJob(job_cfg, spark).start()
+    producer = threading.Thread(target=flow, daemon=True)
+    producer.start()
+    try:
+        _wait_for(lambda: job.metrics.totals["new_events"] >= 40, 240, "purchases scored with the first model")
+        store.publish(second)           # purchases 1-40 min after the first cutoff are in its window
+        _wait_for(lambda: job.holder.model.version == second.version, 120, "the second model served")
+        scored = job.metrics.totals["new_events"]
+        _wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120, "purchases scored with it")
+        broken = _break_and_point_to(store, model)
+        _wait_for(lambda: broken in job.holder.refused, 120, "the broken model refused")
+        scored = job.metrics.totals["new_events"]
+        _wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120, "purchases scored after it")
+        stop_flow.set()
+        producer.join(timeout=60)
+        job.process_all_available()
+        assert all(q.isActive and q.exception() is None for q in job.queries)   # no batch failed
+    finally:
+        stop_flow.set()
+        job.stop()
+    assert all(q.exception() is None for q in job.queries)
+    assert job.holder.model.version == second.version          # the old (good) one kept serving
+    assert len(events) >= 80
+
+    messages = [json.loads(m.value) for m in consume(job_cfg, "kafka.topics.recommendations")]
+    versions = [m["model_version"] for m in sorted(messages, key=lambda m: m["computed_at_ms"])]
+    assert versions[0] == model.version and versions[-1] == second.version
+    first_new = versions.index(second.version)
+    assert set(versions[first_new:]) == {second.version}          # never back to the old model
+    assert broken not in versions
+    assert any(f"REFUSED model {broken}" in r.getMessage() for r in caplog.records)
+
+    # State from before the new cutoff is gone: the last record counts only later purchases.
+    latest = latest_records(job_cfg)
+    cutoff_ms = _ms(second.cutoff_time)
+    for customer in customers:
+        since = sum(_ms(e["event_time"]) > cutoff_ms for e in events if e["customer_id"] == customer)
+        assert latest[customer]["model_version"] == second.version
+        assert latest[customer]["purchases_since_cutoff"] == since, customer
+    reports = [r for r in job.metrics.reports if r.query == "reco-scoring"]
+    assert sum(r.new_events + r.before_cutoff_events for r in reports) == len(events)
+    assert all(r.duration_ms > 0 and r.input_rows > 0 for r in reports)
+    assert any(r.latency_p50_ms is not None and r.customers_refreshed > 0 for r in reports)
+
+
+def _ms(iso: str) -> int:
+    return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+# -- crash and restart -------------------------------------------------------------------------
+def _job_env(cfg) -> dict[str, str]:
+    """RECO__ overrides that make a separate ``python -m streaming`` use this test's config."""
+    import os
+
+    keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
+            "kafka.topics.dead_letter", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "model_store.s3_endpoint_url", "streaming.checkpoint_dir", "spark.shuffle_partitions"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
+    env.update({"RECO__" + key.upper().replace(".", "__"): str(cfg.get_path(key)) for key in keys
+                if cfg.get_path(key) is not None})
+    env.update({"RECO__STREAMING__TRIGGER_INTERVAL": "1 second", "RECO__STREAMING__MAX_OFFSETS_PER_TRIGGER": "40",
+                "RECO__SPARK__DRIVER_MEMORY": "1g", "RECO__STREAMING__MODEL_POLL_INTERVAL": "5 seconds"})
+    return env
+
+
+def _start_job(cfg, log_path):
+    import subprocess
+    import sys
+
+    from models.config import REPO_ROOT
+
+    with open(log_path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "streaming"], cwd=REPO_ROOT, env=_job_env(cfg),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_group(process, sig) -> None:
+    import os
+
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for(condition, timeout_s: float, what: str, process=None, log_path=None):
+    """Poll ``condition`` each second; fail naming ``what`` (and the job's log tail) on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the job exited ({process.returncode}) while waiting for {what}:\n"
+                        f"{log_path.read_text()[-3000:] if log_path else ''}")
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n"
+                f"{log_path.read_text()[-3000:] if log_path else ''}")
+
+
+def test_sigkill_mid_stream_then_restart_counts_every_event_once(spark, job_cfg, model, tmp_path):
+    import os
+    import signal
+
+    from streaming.inspect import read_purchase_state
+
+    rng = np.random.default_rng(9)
+    customers = [str(c) for c in rng.choice(model.user_ids, 20, replace=False)] + [f"NEW-K{i}" for i in range(5)]
+    products = [str(p) for p in rng.choice(model.item_ids, 60, replace=False)] + ["UNKNOWN-K1"]
+    events = [event(f"k-{i}", customers[rng.integers(len(customers))], products[rng.integers(len(products))],
+                    cutoff_plus(model, seconds=10 * i + 10), quantity=int(rng.integers(1, 4))) for i in range(600)]
+    replays = [events[i] for i in rng.choice(300, 40, replace=False)]       # sent again later
+    stream = events[:300] + replays[:20] + events[300:] + replays[20:]
+    log_path = tmp_path / "job.log"
+    commits = Path(job_cfg.get_path("streaming.checkpoint_dir")) / "scoring" / "commits"
+
+    job = _start_job(job_cfg, log_path)
+    producer = threading.Thread(target=lambda: [produce(job_cfg, stream[i:i + 20]) or time.sleep(0.4)
+                                                for i in range(0, len(stream), 20)])
+    try:
+        producer.start()
+        _wait_for(lambda: commits.is_dir() and len(list(commits.glob("[0-9]*"))) >= 2, 240,
+                  "two committed micro-batches", job, log_path)
+        _kill_group(job, signal.SIGKILL)                        # mid-stream: no chance to clean up
+        job.wait(timeout=30)
+        batches_before_kill = len(list(commits.glob("[0-9]*")))
+        job = _start_job(job_cfg, log_path)
+        producer.join(timeout=120)
+        expected = pd.DataFrame(events).groupby("customer_id").agg(
+            purchases=("event_id", "size"), newest=("event_time", "max"))
+
+        def all_reflected() -> bool:
+            for customer, row in expected.iterrows():
+                item = read_table_item(job_cfg, customer)
+                if item is None or item["purchases_since_cutoff"] != row["purchases"]:
+                    return False
+            return True
+
+        _wait_for(all_reflected, 300, "every customer's purchases in the table", job, log_path)
+        os.kill(job.pid, signal.SIGTERM)     # graceful stop: to the driver, as `kill PID` does
+        assert job.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        _kill_group(job, signal.SIGKILL)
+        producer.join(timeout=60)
+    assert "stopping after the running micro-batch" in log_path.read_text()
+    assert len(list(commits.glob("[0-9]*"))) > batches_before_kill
+
+    state = read_purchase_state(spark, str(commits.parent)).toPandas()
+    assert not state["event_id"].duplicated().any()
+    assert sorted(state["event_id"]) == sorted(e["event_id"] for e in events)      # exactly once
+    counts = state.groupby("customer_id").size()
+    assert counts.to_dict() == expected["purchases"].to_dict()
+    for customer, row in expected.iterrows():
+        item = read_table_item(job_cfg, customer)
+        assert item["last_event_ms"] == _ms(row["newest"]), customer           # their newest event
+        assert item["model_version"] == model.version
