@@ -99,7 +99,19 @@ def run(cfg: Config, spark=None) -> BatchResult:
         raise ValueError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")
 
     stages.start("aggregate")
-    pairs = aggregate(events, str(data_cfg.get("count_mode", "rows"))).cache()
+    count_mode = str(data_cfg.get("count_mode", "rows"))
+    cutoff = events.agg({"event_time": "max"}).first()[0]
+    half_life = cfg.get_path("batch.recency.half_life_days", None)
+    recency = {}
+    if half_life is not None and cutoff is not None:
+        from models.recency import weighted_events
+
+        reference_ms = int(cutoff.timestamp() * 1000)
+        events = weighted_events(events, reference_ms, float(half_life), count_mode).cache()
+        count_mode = "quantity"     # the decayed weights are summed
+        recency = {"recency_half_life_days": float(half_life), "recency_reference_ms": reference_ms}
+        log.info("purchase counts decay with a half-life of %g days before %s", float(half_life), cutoff)
+    pairs = aggregate(events, count_mode).cache()
     stats = pair_stats(pairs)
     stats.update(raw_rows=report.raw_rows, clean_rows=report.clean_rows, dropped=report.dropped_by_reason)
     log.info("%s customer-product pairs, %s customers, %s products", f"{stats['pairs']:,}",
@@ -116,7 +128,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
     train, test = holdout_split(split_input, method=method,
                                 test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
                                 seed=int(cfg.get_path("batch.holdout.seed", 42)),
-                                count_mode=str(data_cfg.get("count_mode", "rows")))
+                                count_mode=count_mode)
     train, test = train.cache(), test.cache()
     log.info("holdout (%s): train %s pairs, test %s pairs", method, f"{train.count():,}", f"{test.count():,}")
 
@@ -136,8 +148,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     selected, selection = candidates[0], {}
     if len(candidates) > 1:
         stages.start(f"model selection on a validation split ({len(candidates)} candidates)")
-        selected, selection = _select_scorer(cfg, train, method, data_cfg, chosen, candidates, n_users, n_items,
-                                             k, exclude, metric)
+        selected, selection = _select_scorer(cfg, train, method, count_mode, chosen, candidates, n_users,
+                                             n_items, k, exclude, metric)
     log.info("selected model: %s", selected.name)
 
     stages.start("evaluation on the holdout")
@@ -156,9 +168,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     popularity = item_popularity(indexed, n_items)
     customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
-    cutoff = events.agg({"event_time": "max"}).first()[0]
     artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
-                         stats, metrics, selected)
+                         stats, metrics, selected, recency)
     item_idx, scores, strategies = _recommend_all(spark, cfg, final, artifact, all_pairs, exclude, k)
 
     stages.start("write recommendations")
@@ -238,14 +249,14 @@ def _rmse(factors: Factors, pairs) -> float:
     return rmse(predicted, frame["count"].to_numpy(np.float64))
 
 
-def _select_scorer(cfg: Config, train, method: str, data_cfg: dict, params: AlsParams,
+def _select_scorer(cfg: Config, train, method: str, count_mode: str, params: AlsParams,
                    candidates: list[Candidate], n_users: int, n_items: int, k: int, exclude: bool,
                    metric: str) -> tuple[Candidate, dict]:
     """Choose the scorer on a validation split of the training part (the holdout stays unseen)."""
     fit_part, validation = holdout_split(train, method=method,
                                          test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
                                          seed=int(cfg.get_path("batch.holdout.seed", 42)) + 1,
-                                         count_mode=str(data_cfg.get("count_mode", "rows")))
+                                         count_mode=count_mode)
     fit_part, validation = fit_part.cache(), validation.cache()
     factors = fit_als(fit_part, params, n_users, n_items)
     table = _candidate_table(factors, fit_part, validation, n_users, n_items, k, exclude, candidates)
@@ -425,7 +436,7 @@ def _log_example(customer_ids, product_ids, item_idx, scores) -> None:
 
 
 def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, buyers, pairs: PairArrays,
-              cutoff, stats: dict, metrics: dict, selected: Candidate | None = None):
+              cutoff, stats: dict, metrics: dict, selected: Candidate | None = None, recency: dict | None = None):
     """The model to publish. Every type keeps the ALS factors, so a scorer that only knows ALS can
     still load it (and the blend needs them)."""
     from models.artifact import ModelArtifact, new_version
@@ -437,7 +448,7 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
         item_factors=factors.item_factors,
         user_ids=customer_ids, user_factors=factors.user_factors, popularity=buyers.astype(np.float64),
         user_items_indptr=pairs.indptr, user_items_indices=pairs.indices, user_items_counts=pairs.counts,
-        params={**params.as_dict(), **selected.params()}, cutoff_time=cutoff_iso, stats=_jsonable(stats),
+        params={**params.as_dict(), **selected.params(), **(recency or {})}, cutoff_time=cutoff_iso, stats=_jsonable(stats),
         metrics=_jsonable(metrics))
     artifact.validate()
     return artifact

@@ -25,7 +25,7 @@ def test_the_job_reports_every_candidate_and_serves_buy_again_beside_discover(sp
     job_cfg = cfg.with_overrides({"data.path": str(sample), "batch.output_dir": str(tmp_path / "out"),
                                   "model_store.uri": str(tmp_path / "models"), "batch.grid": {},
                                   "batch.als.rank": 8, "batch.als.max_iter": 5, "batch.holdout.method": "time",
-                                  "batch.scorers.blend_weights": [0.5]})
+                                  "batch.scorers.blend_weights": [0.5], "batch.recency.half_life_days": 60})
     result = run(job_cfg, spark=spark)
     table = result.metrics["exclude_purchased"]
     assert {"model", "als", "blend(w=0.5)", "popularity", "item_knn"} <= set(table)
@@ -36,6 +36,9 @@ def test_the_job_reports_every_candidate_and_serves_buy_again_beside_discover(sp
 
     artifact = ModelStore.from_config(job_cfg).load()
     assert artifact.model_type == result.model_type == result.metrics["selection"]["model_type"]
+    assert artifact.params["recency_half_life_days"] == 60 and artifact.params["recency_reference_ms"] > 0
+    # Decayed counts: fractional, and no larger than the raw purchase counts plus the newest ones.
+    assert np.any(artifact.user_items_counts % 1 != 0) and artifact.user_items_counts.min() > 0
     recs = pd.read_parquet(tmp_path / "out" / "recommendations.parquet")
     indptr, indices, _ = artifact.user_items
     for row, (discover, again) in enumerate(zip(recs["recommendations"], recs["buy_again"])):
