@@ -15,7 +15,9 @@ Model types (``ModelArtifact.model_type``):
   similarities to the items the customer bought; computed from the artifact's purchase CSR.
 
 A customer with no purchase of a product the model knows gets the popularity list (strategy
-``popularity``); the others are ``personalized``.
+``popularity``), or their segment's (a country, a store: strategy ``segment_popularity``) when the
+artifact has ``params["segment_popularity"]`` (see ``segment_popularity``) and the segment is known;
+the others are ``personalized``.
 """
 from __future__ import annotations
 
@@ -28,15 +30,18 @@ from models import scoring
 MODEL_TYPES = ("als", "blend", "popularity", "item_knn")
 PERSONALIZED = "personalized"
 POPULARITY = "popularity"
+SEGMENT_POPULARITY = "segment_popularity"
 # Dense user rows scored at once by the item-kNN scorer and its co-occurrence build (~64 MB).
 _DENSE_BUDGET = 16_777_216
 
 
 def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int,
-                          exclude_purchased: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                          exclude_purchased: bool, segments=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Top-k per customer from their full purchase counts (CSR over the artifact's item index).
 
-    Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``; -1/NaN pad short lists.
+    ``segments`` (optional, one per customer, None when unknown) picks the popularity list of the
+    customers who get one. Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
+    -1/NaN pad short lists.
     """
     model_type = artifact.model_type
     if model_type not in MODEL_TYPES:
@@ -55,11 +60,49 @@ def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, cou
         sub = _rows(indptr, indices, counts, rows)
         excluded = sub[:2] if exclude_purchased else None
         item_idx[rows], scores[rows] = _personal_top_k(artifact, *sub, k, excluded)
-    fallback = np.flatnonzero(~personal)
-    if len(fallback):
+    strategies = np.where(personal, PERSONALIZED, POPULARITY).astype(object)
+    by_segment = _segment_rows(artifact, segments, np.flatnonzero(~personal))
+    for popularity, fallback, strategy in by_segment:
         excluded = _rows(indptr, indices, counts, fallback)[:2] if exclude_purchased else None
-        item_idx[fallback], scores[fallback] = scoring.popularity_top_k(artifact.popularity, k, exclude=excluded)
-    return item_idx, scores, [PERSONALIZED if p else POPULARITY for p in personal]
+        item_idx[fallback], scores[fallback] = scoring.popularity_top_k(popularity, k, exclude=excluded)
+        strategies[fallback] = strategy
+    return item_idx, scores, list(strategies)
+
+
+def segment_popularity(user_segments, indptr: np.ndarray, indices: np.ndarray, n_items: int,
+                       top_n: int = 100) -> dict:
+    """Distinct buyers per item within each segment, the ``top_n`` best per segment, for
+    ``params["segment_popularity"]``: ``{segment: {"items": [...], "buyers": [...]}}``."""
+    segments = np.asarray(user_segments, dtype=object)
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    result = {}
+    for name in sorted({str(s) for s in segments if s is not None and s == s and str(s) != ""}):
+        users = np.flatnonzero(segments.astype(str) == name)
+        buyers = np.bincount(np.asarray(indices)[np.isin(rows, users)], minlength=n_items).astype(np.float64)
+        best = scoring.popularity_order(buyers)[:top_n]
+        best = best[buyers[best] > 0]
+        result[name] = {"items": best.astype(int).tolist(), "buyers": buyers[best].tolist()}
+    return result
+
+
+def _segment_rows(artifact, segments, fallback: np.ndarray):
+    """(popularity vector, rows, strategy) groups: each known segment's rows, then the rest."""
+    table = (artifact.params or {}).get("segment_popularity") or {}
+    if not len(fallback):
+        return []
+    if segments is None or not table:
+        return [(artifact.popularity, fallback, POPULARITY)]
+    names = np.asarray(segments, dtype=object)[fallback]
+    groups, rest = [], np.ones(len(fallback), dtype=bool)
+    for name in {str(n) for n in names if n is not None} & set(table):
+        here = np.array([n is not None and str(n) == name for n in names])
+        vector = np.zeros(artifact.n_items)
+        vector[np.asarray(table[name]["items"], dtype=np.int64)] = table[name]["buyers"]
+        groups.append((vector, fallback[here], SEGMENT_POPULARITY))
+        rest &= ~here
+    if rest.any():
+        groups.append((artifact.popularity, fallback[rest], POPULARITY))
+    return groups
 
 
 def _personal_top_k(artifact, indptr, indices, counts, k, excluded):

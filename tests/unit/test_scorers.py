@@ -1,11 +1,13 @@
 """The scorer family of models/scorers.py: blend limits, popularity type, item-kNN against a reference."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from models.artifact import ModelArtifact, new_version
-from models.scorers import buy_again, discover, item_cosine, recommend_from_counts
+from models.scorers import buy_again, discover, item_cosine, recommend_from_counts, segment_popularity
 from models.scoring import fold_in, popularity_top_k, top_k
 
 
@@ -122,3 +124,25 @@ def test_buy_again_ranks_by_relevance_plus_purchase_frequency():
     # 1: 10/10 + 1/4 = 1.25, 2: 0.5 + 0.25 = 0.75, 3: 0.1 + 1 = 1.1
     assert list(items[0]) == [1, 3, 2]
     np.testing.assert_allclose(scores[0], [1.25, 1.1, 0.75], rtol=1e-6)
+
+
+def test_a_new_customer_in_a_known_segment_gets_that_segments_list():
+    model = _artifact("als", n_users=6, n_items=8)
+    indptr = np.array([0, 2, 4, 6, 7, 8, 9])
+    indices = np.array([0, 1, 0, 1, 5, 6, 5, 6, 7])
+    model.params["segment_popularity"] = segment_popularity(["UK", "UK", "FR", "FR", "FR", None], indptr,
+                                                            indices, model.n_items)
+    assert model.params["segment_popularity"]["FR"]["items"][:2] == [5, 6]
+    model.params = json.loads(json.dumps(model.params))  # as stored in metadata.json
+    empty = np.zeros(5, dtype=np.int64)  # four customers, none with a purchase
+    items, scores, strategies = recommend_from_counts(model, empty, np.zeros(0), np.zeros(0), 3, True,
+                                                      segments=["FR", "UK", "DE", None])
+    assert list(items[0][:2]) == [5, 6] and scores[0][0] == 2.0
+    assert list(items[1][:2]) == [0, 1]
+    general, _ = popularity_top_k(model.popularity, 3)
+    np.testing.assert_array_equal(items[2:], np.vstack([general, general]))
+    assert strategies == ["segment_popularity", "segment_popularity", "popularity", "popularity"]
+    # A known customer with purchases stays personalised whatever the segment.
+    _, _, mixed = recommend_from_counts(model, np.array([0, 1]), np.array([2]), np.array([1.0]), 3, True,
+                                        segments=["FR"])
+    assert mixed == ["personalized"]
