@@ -168,8 +168,9 @@ def run(cfg: Config, spark=None) -> BatchResult:
     popularity = item_popularity(indexed, n_items)
     customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
+    segments = _segment_popularity(spark, cfg, maps, all_pairs, n_users, n_items)
     artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
-                         stats, metrics, selected, recency)
+                         stats, metrics, selected, {**recency, **segments})
     item_idx, scores, strategies = _recommend_all(spark, cfg, final, artifact, all_pairs, exclude, k)
 
     stages.start("write recommendations")
@@ -397,6 +398,35 @@ def _output_dir(cfg: Config) -> Path:
     path = cfg.path("batch.output_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _segment_popularity(spark, cfg: Config, maps, pairs: PairArrays, n_users: int, n_items: int) -> dict:
+    """``params`` entries with each segment's best sellers (``data.columns.segment``, e.g. a country),
+    for customers who have no known purchase yet; {} without a segment column. A customer's segment
+    is the one most of their rows carry (ties by name)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from batch_training.data import ColumnMapping, _id_text
+    from batch_training.datasets import load_source
+    from models.scorers import segment_popularity
+
+    data_cfg = cfg.get_path("data")
+    mapping = ColumnMapping.from_config(data_cfg.get("columns") or {})
+    if not mapping.segment:
+        return {}
+    raw = load_source(spark, data_cfg, source_placeholders(cfg))
+    rows = (raw.select(_id_text(mapping.customer_id, dict(raw.dtypes)[mapping.customer_id]).alias("customer_id"),
+                       F.col(mapping.segment).cast("string").alias("segment"))
+            .where(F.col("segment").isNotNull()).groupBy("customer_id", "segment").count())
+    best = Window.partitionBy("customer_id").orderBy(F.desc("count"), "segment")
+    per_customer = (rows.withColumn("_rank", F.row_number().over(best)).where("_rank = 1")
+                    .join(maps.customers, "customer_id").select("user", "segment").toPandas())
+    user_segments = np.full(n_users, None, dtype=object)
+    user_segments[per_customer["user"].to_numpy()] = per_customer["segment"].to_numpy()
+    table = segment_popularity(user_segments, pairs.indptr, pairs.indices, n_items)
+    log.info("segment popularity (%s): %d segments", mapping.segment, len(table))
+    return {"segment_column": mapping.segment, "segment_popularity": table}
 
 
 def _buy_again_all(artifact, pairs: PairArrays, k: int) -> tuple[np.ndarray, np.ndarray]:

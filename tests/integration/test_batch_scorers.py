@@ -48,3 +48,31 @@ def test_the_job_reports_every_candidate_and_serves_buy_again_beside_discover(sp
     items, _, _ = recommend_from_counts(artifact, *artifact.user_items, 10, True)
     expected = [list(artifact.item_ids[row[row >= 0]]) for row in items[:50]]
     assert [list(r) for r in recs["recommendations"][:50]] == expected or artifact.model_type == "als"
+
+
+def test_segment_popularity_comes_from_the_segment_column(spark, cfg, tmp_path):
+    from batch_training.data import aggregate, index_ids
+    from batch_training.datasets import load_events
+    from batch_training.job import _segment_popularity
+    from batch_training.train import PairArrays
+
+    rows = [("c1", "apple", "FR"), ("c2", "apple", "FR"), ("c2", "pear", "FR"), ("c3", "kiwi", "UK"),
+            ("c4", "kiwi", "UK"), ("c4", "apple", "UK"), ("c5", "pear", "UK"), ("c5", "pear", "FR"),
+            ("c5", "plum", "UK")]
+    path = tmp_path / "rows.csv"
+    pd.DataFrame(rows, columns=["customer", "product", "country"]).assign(
+        qty=1, time="2025-01-01T00:00:00Z").to_csv(path, index=False)
+    data = {"kind": "files", "path": str(path), "format": "csv", "count_mode": "rows",
+            "columns": {"customer_id": "customer", "product_id": "product", "quantity": "qty",
+                        "event_time": "time", "segment": "country"}}
+    job_cfg = cfg.with_overrides({"data": data})
+    events, _ = load_events(spark, data)
+    indexed, maps = index_ids(aggregate(events))
+    pairs = PairArrays.collect(indexed, maps.n_users)
+    params = _segment_popularity(spark, job_cfg, maps, pairs, maps.n_users, maps.n_items)
+    products = maps.products.toPandas().set_index("item")["product_id"]
+    named = {seg: [products[i] for i in table["items"]] for seg, table in params["segment_popularity"].items()}
+    # c5 is in UK (two UK rows to one FR); buyers per segment, ties by item index.
+    assert named["FR"] == ["apple", "pear"] and params["segment_popularity"]["FR"]["buyers"] == [2.0, 1.0]
+    assert named["UK"][0] == "kiwi" and set(named["UK"]) == {"kiwi", "apple", "pear", "plum"}
+    assert params["segment_column"] == "country"
