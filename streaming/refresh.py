@@ -1,11 +1,12 @@
-"""Scoring the customers of one micro-batch: fold-in and top-k, vectorised over all of them.
+"""Scoring the customers of one micro-batch, vectorised over all of them, with the batch job's code.
 
 For each customer with new purchases the full purchase counts are the counts the model was
 trained on (the artifact's CSR row; none for a customer the model does not know) plus the
-purchases since the model's cutoff held in the state. Products the model does not know are kept
-in the state but cannot score. The customer's vector is folded in from the model's item factors
-with the same code and parameters as training (models.scoring), then ranked by the same top-k the
-batch job uses. A customer with no purchase of a known product gets the popularity list.
+purchases since the model's cutoff held in the state, each weighted as the batch job weighted its
+training events (``ServingModel.event_weights``: rows or units, recency decay). Products the model
+does not know are kept in the state but cannot score. The lists then come from the one scorer
+family both jobs use (``models.scorers``: fold-in and top-k for ALS, the blend, item-kNN,
+popularity), so a customer with no purchase of a known product gets the popularity list.
 """
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from models import scoring
+from models import scorers
 from models.records import RecommendationRecord, build_records
 from streaming.serving import ServingModel
-
-PERSONALIZED = "personalized"
-POPULARITY = "popularity"
 
 
 @dataclass
@@ -28,6 +26,8 @@ class Scored:
     item_idx: np.ndarray        # int32 [n, k], -1 padded
     scores: np.ndarray          # float32 [n, k], NaN padded
     strategies: list[str]
+    again_idx: np.ndarray       # buy-again list (products bought before), same conventions
+    again_scores: np.ndarray
 
 
 def purchase_counts(model: ServingModel, customers: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,16 +45,10 @@ def purchase_counts(model: ServingModel, customers: pd.DataFrame) -> tuple[np.nd
 
     lengths = customers["product_ids"].map(len).to_numpy()
     stream_rows = np.repeat(np.arange(n_customers), lengths)
-    products = np.concatenate([np.asarray(p, dtype=object) for p in customers["product_ids"]]) \
-        if lengths.sum() else np.array([], dtype=object)
-    times = np.concatenate([np.asarray(t, dtype=np.int64) for t in customers["event_times_ms"]]) \
-        if lengths.sum() else np.array([], dtype=np.int64)
-    if model.count_mode == "quantity":
-        weights = np.concatenate([np.asarray(q, dtype=np.float64) for q in customers["quantities"]]) \
-            if lengths.sum() else np.array([], dtype=np.float64)
-    else:
-        weights = np.ones(len(products), dtype=np.float64)
-    items = artifact.item_index(products) if len(products) else np.array([], dtype=np.int64)
+    products = _flatten(customers["product_ids"], object)
+    times = _flatten(customers["event_times_ms"], np.int64)
+    weights = model.event_weights(_flatten(customers["quantities"], np.float64), times)
+    items = artifact.item_index(products) if len(products) else np.zeros(0, dtype=np.int64)
     usable = items >= 0
     if model.cutoff_ms is not None:
         usable &= times > model.cutoff_ms
@@ -64,55 +58,39 @@ def purchase_counts(model: ServingModel, customers: pd.DataFrame) -> tuple[np.nd
     counts = np.concatenate([trained_counts.astype(np.float64), weights[usable]])
     codes, inverse = np.unique(rows * artifact.n_items + cols, return_inverse=True)
     summed = np.bincount(inverse, weights=counts, minlength=len(codes))
-    row_of_code = codes // artifact.n_items
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of_code, minlength=n_customers))]).astype(np.int64)
-    return indptr, (codes % artifact.n_items).astype(np.int32), summed.astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(codes // artifact.n_items, minlength=n_customers))])
+    return indptr.astype(np.int64), (codes % artifact.n_items).astype(np.int32), summed.astype(np.float32)
+
+
+def _flatten(column: pd.Series, dtype) -> np.ndarray:
+    arrays = [np.asarray(value, dtype=dtype) for value in column]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
 def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclude_purchased: bool) -> Scored:
-    """Top-k for every customer of the frame (see the module docstring)."""
-    artifact = model.artifact
+    """Top-k (and the buy-again list) for every customer of the frame (see the module docstring)."""
     indptr, indices, counts = purchase_counts(model, customers)
-    ratings = scoring.transform_counts(counts, model.scaling)
-    vectors = scoring.fold_in(artifact.item_factors, indptr, indices, ratings, model.reg_param, model.alpha,
-                              implicit=model.implicit, gram=model.gram)
-    personal = np.diff(indptr) > 0       # at least one purchase of a product the model knows
-    n = len(customers)
-    item_idx = np.full((n, k), -1, dtype=np.int32)
-    scores = np.full((n, k), np.nan, dtype=np.float32)
-    exclude = _rows(indptr, indices, np.flatnonzero(personal)) if exclude_purchased else None
-    if personal.any():
-        item_idx[personal], scores[personal] = scoring.top_k(vectors[personal], artifact.item_factors, k,
-                                                             exclude=exclude)
-    fallback = np.flatnonzero(~personal)
-    if len(fallback):
-        excluded = _rows(indptr, indices, fallback) if exclude_purchased else None
-        top_items, top_scores = scoring.popularity_top_k(artifact.popularity, k, exclude=excluded)
-        item_idx[fallback], scores[fallback] = top_items, top_scores   # one row broadcasts
-    strategies = [PERSONALIZED if p else POPULARITY for p in personal]
-    return Scored(customers["customer_id"].to_numpy(), item_idx, scores, strategies)
-
-
-def _rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The CSR (indptr, indices) of ``rows`` only, in their order."""
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = ends - starts
-    sub_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    take = np.repeat(starts - sub_indptr[:-1], lengths) + np.arange(sub_indptr[-1])
-    return sub_indptr, indices[take]
+    item_idx, scores, strategies = scorers.recommend_from_counts(model.artifact, indptr, indices, counts, k,
+                                                                 exclude_purchased)
+    again_idx, again_scores = scorers.buy_again(model.artifact, indptr, indices, counts, k)
+    return Scored(customers["customer_id"].to_numpy(), item_idx, scores, strategies, again_idx, again_scores)
 
 
 def records_for(model: ServingModel, customers: pd.DataFrame, scored: Scored,
                 computed_at_ms: int) -> list[RecommendationRecord]:
-    """The output records: newest event time and offsets reflected, purchases since the cutoff."""
+    """The output records: newest event time and offsets reflected, purchases since the cutoff,
+    and the buy-again list as the batch job writes it."""
     last_event = [int(max(times)) if len(times) else None for times in customers["event_times_ms"]]
     offsets = [dict(o) if o is not None and len(o) else None for o in customers["source_offsets"]]
-    records = build_records(scored.customer_ids, scored.item_idx, scored.scores, model.artifact.item_ids,
+    item_ids = model.artifact.item_ids
+    records = build_records(scored.customer_ids, scored.item_idx, scored.scores, item_ids,
                             model.version, scored.strategies, last_event, source="stream",
                             source_offsets=offsets, computed_at_ms=computed_at_ms)
-    since_cutoff = [_since_cutoff(times, model.cutoff_ms) for times in customers["event_times_ms"]]
-    for record, purchases in zip(records, since_cutoff):
-        record.extra["purchases_since_cutoff"] = purchases
+    for record, times, again, again_scores in zip(records, customers["event_times_ms"], scored.again_idx,
+                                                  scored.again_scores):
+        record.extra["purchases_since_cutoff"] = _since_cutoff(times, model.cutoff_ms)
+        record.extra["buy_again"] = [{"rank": rank, "product_id": str(item_ids[i]), "score": round(float(s), 6)}
+                                     for rank, (i, s) in enumerate(zip(again, again_scores), 1) if i >= 0]
     return records
 
 

@@ -15,8 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from models import scoring
+from models import scorers
 from models.artifact import ModelArtifact
+from models.recency import decay_weights
 from streaming.state import iso_to_ms
 
 log = logging.getLogger(__name__)
@@ -28,33 +29,44 @@ class ModelNotServable(ValueError):
 
 @dataclass
 class ServingModel:
-    """An artifact plus what scoring needs precomputed once per model."""
+    """An artifact plus what the stream needs to turn its purchases into the batch job's counts."""
 
     artifact: ModelArtifact
     cutoff_ms: int | None
-    count_mode: str          # "rows": each purchase counts 1 | "quantity": its units
-    reg_param: float
-    alpha: float
-    implicit: bool
-    scaling: str
-    gram: np.ndarray | None
+    count_mode: str                      # "rows": each purchase counts 1 | "quantity": its units
+    half_life_days: float | None         # recency decay of the counts (None: none)
+    recency_reference_ms: int | None
 
     @property
     def version(self) -> str:
         return self.artifact.version
 
+    def event_weights(self, quantities: np.ndarray, event_times_ms: np.ndarray) -> np.ndarray:
+        """What each streamed purchase adds to its (customer, product) count, exactly as the
+        batch job counted its training events (units or rows, recency-decayed when it was)."""
+        weights = (np.asarray(quantities, dtype=np.float64) if self.count_mode == "quantity"
+                   else np.ones(len(quantities), dtype=np.float64))
+        if self.half_life_days is not None:
+            weights = weights * decay_weights(event_times_ms, self.recency_reference_ms, self.half_life_days)
+        return weights
+
     @classmethod
     def prepare(cls, artifact: ModelArtifact, default_count_mode: str = "rows") -> "ServingModel":
-        """Check that ``artifact`` can be served and precompute its gramian."""
+        """Check that ``artifact`` can be served, and warm its scorer (gramian, similarities) by
+        scoring a few of its customers: a model that cannot score is refused before it serves."""
         params = artifact.params or {}
-        if artifact.rank < 1 or artifact.n_items < 1:
-            raise ModelNotServable(f"model {artifact.version} has no item factors (rank {artifact.rank}, "
-                                   f"{artifact.n_items} items): the streaming job folds customers in from them")
-        missing = [name for name in ("reg_param", "alpha") if name not in params]
-        if missing:
-            raise ModelNotServable(f"model {artifact.version} lacks the ALS parameter(s) {missing} needed "
-                                   "for the fold-in; publish it with the training parameters in params")
-        count_mode = str(artifact.stats.get("count_mode") or params.get("count_mode") or default_count_mode)
+        if artifact.model_type not in scorers.MODEL_TYPES:
+            raise ModelNotServable(f"model {artifact.version} has model_type {artifact.model_type!r}; the "
+                                   f"streaming job serves {scorers.MODEL_TYPES}")
+        if artifact.model_type in ("als", "blend"):
+            if artifact.rank < 1:
+                raise ModelNotServable(f"model {artifact.version} ({artifact.model_type}) has no item factors: "
+                                       "the streaming job folds customers in from them")
+            missing = [name for name in ("reg_param", "alpha") if name not in params]
+            if missing:
+                raise ModelNotServable(f"model {artifact.version} lacks the ALS parameter(s) {missing} needed "
+                                       "for the fold-in; publish it with the training parameters in params")
+        count_mode = str(params.get("count_mode") or artifact.stats.get("count_mode") or default_count_mode)
         if count_mode not in ("rows", "quantity"):
             raise ModelNotServable(f"model {artifact.version} has count_mode {count_mode!r}: use rows or quantity")
         try:
@@ -62,11 +74,29 @@ class ServingModel:
         except ValueError:
             raise ModelNotServable(f"model {artifact.version} has an unreadable cutoff_time "
                                    f"{artifact.cutoff_time!r}") from None
-        implicit = bool(params.get("implicit_prefs", True))
-        return cls(artifact=artifact, cutoff_ms=cutoff_ms, count_mode=count_mode,
-                   reg_param=float(params["reg_param"]), alpha=float(params["alpha"]), implicit=implicit,
-                   scaling=str(params.get("scaling", "none")),
-                   gram=scoring.gramian(artifact.item_factors) if implicit else None)
+        half_life = params.get("recency_half_life_days")
+        reference = params.get("recency_reference_ms", cutoff_ms)
+        if half_life is not None and reference is None:
+            raise ModelNotServable(f"model {artifact.version} decays counts by recency but names no reference "
+                                   "time (params.recency_reference_ms or cutoff_time)")
+        model = cls(artifact=artifact, cutoff_ms=cutoff_ms, count_mode=count_mode,
+                    half_life_days=None if half_life is None else float(half_life),
+                    recency_reference_ms=None if reference is None else int(reference))
+        model._dry_run()
+        return model
+
+    def _dry_run(self, sample: int = 20) -> None:
+        """Score up to ``sample`` known customers from their trained counts; the lists must be sound."""
+        artifact = self.artifact
+        users = np.arange(min(sample, artifact.n_users))
+        indptr, indices, counts = artifact.user_items_of(users)
+        try:
+            item_idx, scores, _ = scorers.recommend_from_counts(artifact, indptr, indices, counts, 10, True)
+        except Exception as err:  # noqa: BLE001 - whatever breaks the scorer refuses the model
+            raise ModelNotServable(f"model {artifact.version} cannot score its own customers: "
+                                   f"{type(err).__name__}: {err}") from err
+        if np.any(item_idx >= artifact.n_items) or np.any(np.isnan(scores[item_idx >= 0])):
+            raise ModelNotServable(f"model {artifact.version} scores its own customers with invalid items or NaN")
 
 
 class ModelHolder:

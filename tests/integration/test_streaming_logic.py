@@ -1,0 +1,173 @@
+"""The streaming scorer's logic without Spark or services: state merge, counts, model hot swap.
+
+(Pure and fast; kept beside the streaming integration tests whose parts they check.)
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.artifact import ModelArtifact
+from models.recency import decay_weights
+from models.store import ModelStore
+from streaming.refresh import purchase_counts, records_for, score_customers
+from streaming.serving import ModelHolder, ModelNotServable, ServingModel
+from streaming.state import OUTPUT_SCHEMA, iso_to_ms, merge_purchases, output_row
+
+CUTOFF = "2025-01-01T00:00:00.000Z"
+CUTOFF_MS = iso_to_ms(CUTOFF)
+
+
+def rows(*events) -> pd.DataFrame:
+    """Processor input rows: (event_id, product_id, quantity, event_time_ms, partition, offset)."""
+    frame = pd.DataFrame(events, columns=["event_id", "product_id", "quantity", "event_time_ms",
+                                          "source_partition", "source_offset"])
+    return frame.assign(customer_id="C1", kafka_ts_ms=frame["source_offset"] * 10)
+
+
+# -- the state merge ---------------------------------------------------------------------------
+def test_new_purchases_are_added_and_replays_are_not():
+    held = {"e1": ("P1", 1, CUTOFF_MS + 10)}
+    merge = merge_purchases(held, rows(("e1", "P1", 1, CUTOFF_MS + 10, "tx-0", 7),      # replay
+                                       ("e2", "P2", 3, CUTOFF_MS + 20, "tx-0", 8),
+                                       ("e2", "P2", 3, CUTOFF_MS + 20, "tx-1", 2),      # twice in the batch
+                                       ("e3", "P3", 1, CUTOFF_MS + 30, "tx-1", 4)), CUTOFF_MS)
+    assert set(merge.added) == {"e2", "e3"} and merge.duplicates == 2
+    assert merge.held == {"e1": ("P1", 1, CUTOFF_MS + 10), "e2": ("P2", 3, CUTOFF_MS + 20),
+                          "e3": ("P3", 1, CUTOFF_MS + 30)}
+    assert merge.source_offsets == {"tx-0": 8, "tx-1": 4}
+    assert sorted(merge.new_kafka_ts_ms) == [40, 80]
+    assert merge.removed == []
+
+
+def test_a_newer_cutoff_drops_held_purchases_and_refuses_old_ones():
+    held = {"old": ("P1", 1, CUTOFF_MS - 5), "new": ("P2", 1, CUTOFF_MS + 5)}
+    merge = merge_purchases(held, rows(("late", "P3", 1, CUTOFF_MS, "tx-0", 1)), CUTOFF_MS)
+    assert merge.removed == ["old"] and merge.before_cutoff == 1
+    assert merge.added == {} and set(merge.held) == {"new"}
+
+
+def test_without_a_model_everything_is_kept():
+    merge = merge_purchases({}, rows(("e1", "P1", 1, 0, "tx-0", 1)), None)
+    assert set(merge.added) == {"e1"}
+
+
+def test_the_output_row_has_the_declared_columns_in_order():
+    merge = merge_purchases({}, rows(("e2", "P2", 1, 20, "tx-0", 1), ("e1", "P1", 2, 10, "tx-0", 2)), None)
+    frame = output_row("C1", merge, None)
+    declared = [part.strip().split(" ")[0] for part in OUTPUT_SCHEMA.split(", ") if " " in part.strip()]
+    declared = [name for name in declared if not name.startswith(("long>", "string>"))]
+    assert list(frame.columns) == declared
+    assert list(frame.loc[0, "product_ids"]) == ["P1", "P2"]      # oldest first
+    assert frame.loc[0, "new_events"] == 2
+
+
+# -- counts and scoring ------------------------------------------------------------------------
+def tiny_model(model_type: str = "als", **params) -> ModelArtifact:
+    rng = np.random.default_rng(1)
+    return ModelArtifact(
+        version="v1", model_type=model_type, item_ids=[f"P{i}" for i in range(6)],
+        item_factors=rng.normal(size=(6, 3)).astype(np.float32), user_ids=["K1", "K2"],
+        user_factors=rng.normal(size=(2, 3)).astype(np.float32), popularity=[5, 9, 1, 7, 3, 2],
+        user_items_indptr=[0, 2, 3], user_items_indices=[0, 2, 5], user_items_counts=[2, 1, 4],
+        params={"rank": 3, "reg_param": 0.1, "alpha": 1.0, "implicit_prefs": True, "scaling": "none", **params},
+        cutoff_time=CUTOFF).validate()
+
+
+def customers(*entries) -> pd.DataFrame:
+    """(customer, [(product, quantity, event_time_ms), ...]) -> the processor's output columns."""
+    return pd.DataFrame({
+        "customer_id": [c for c, _ in entries],
+        "product_ids": [[p for p, _, _ in purchases] for _, purchases in entries],
+        "quantities": [[q for _, q, _ in purchases] for _, purchases in entries],
+        "event_times_ms": [[t for _, _, t in purchases] for _, purchases in entries],
+        "source_offsets": [{"tx-0": 1} for _ in entries]})
+
+
+def dense(indptr, indices, counts, n_items=6) -> np.ndarray:
+    matrix = np.zeros((len(indptr) - 1, n_items))
+    for row in range(len(indptr) - 1):
+        matrix[row, indices[indptr[row]:indptr[row + 1]]] = counts[indptr[row]:indptr[row + 1]]
+    return matrix
+
+
+def test_counts_add_stream_purchases_to_the_trained_ones():
+    model = ServingModel.prepare(tiny_model())
+    frame = customers(("K1", [("P0", 3, CUTOFF_MS + 1), ("P4", 1, CUTOFF_MS + 2), ("UNKNOWN", 1, CUTOFF_MS + 3),
+                              ("P4", 1, CUTOFF_MS - 1)]),          # before the cutoff: in the model
+                      ("NEW", [("P1", 1, CUTOFF_MS + 1)]), ("NEW2", [("UNKNOWN", 1, CUTOFF_MS + 1)]))
+    counts = dense(*purchase_counts(model, frame))
+    np.testing.assert_array_equal(counts, [[3, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0] * 6])
+
+
+def test_counts_follow_the_models_count_mode_and_recency():
+    by_units = ServingModel.prepare(tiny_model(count_mode="quantity"))
+    frame = customers(("NEW", [("P1", 3, CUTOFF_MS + 1)]))
+    assert dense(*purchase_counts(by_units, frame))[0, 1] == 3
+    decayed = ServingModel.prepare(tiny_model(recency_half_life_days=10.0, recency_reference_ms=CUTOFF_MS))
+    later = CUTOFF_MS + 5 * 86_400_000
+    frame = customers(("NEW", [("P1", 1, later)]))
+    assert dense(*purchase_counts(decayed, frame))[0, 1] == pytest.approx(decay_weights([later], CUTOFF_MS, 10.0)[0])
+
+
+def test_lists_popularity_before_a_known_purchase_and_purchases_excluded():
+    model = ServingModel.prepare(tiny_model())
+    frame = customers(("NEW", [("UNKNOWN", 1, CUTOFF_MS + 1)]), ("NEW2", [("P1", 1, CUTOFF_MS + 1)]),
+                      ("K1", [("UNKNOWN", 1, CUTOFF_MS + 1)]))
+    scored = score_customers(model, frame, k=3, exclude_purchased=True)
+    assert scored.strategies == ["popularity", "personalized", "personalized"]
+    assert list(scored.item_idx[0]) == [1, 3, 0]                   # the best sellers
+    assert 1 not in scored.item_idx[1] and not {0, 2} & set(scored.item_idx[2])
+    records = records_for(model, frame, scored, computed_at_ms=5)
+    assert records[1].product_ids[0] != "P1" and records[1].extra["purchases_since_cutoff"] == 1
+    assert [r["product_id"] for r in records[1].extra["buy_again"]] == ["P1"]
+    assert records[2].last_event_ms == CUTOFF_MS + 1 and records[2].source_offsets == {"tx-0": 1}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mystery"}, "model_type"),
+    ({"params": {"rank": 3}}, "reg_param"),
+])
+def test_models_the_stream_cannot_serve_are_refused(change, message):
+    artifact = tiny_model()
+    for name, value in change.items():
+        setattr(artifact, name, value)
+    with pytest.raises(ModelNotServable, match=message):
+        ServingModel.prepare(artifact)
+
+
+# -- hot swap ----------------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_holder_swaps_at_poll_time_and_refuses_a_broken_model(tmp_path, caplog):
+    store = ModelStore(str(tmp_path))
+    clock = Clock()
+    holder = ModelHolder(store, poll_ms=10_000, clock=clock)
+    assert holder.current() is None                                 # nothing published yet
+    store.publish(tiny_model())
+    assert holder.current().version == "v1"                         # no model: look at once
+    second = tiny_model()
+    second.version, second.cutoff_time = "v2", "2025-02-01T00:00:00Z"
+    store.publish(second)
+    assert holder.current().version == "v1"                         # not due yet
+    assert holder.current(state_cutoff_ms=iso_to_ms(second.cutoff_time)).version == "v2"  # the state saw it
+    third = tiny_model()
+    third.version = "v3"
+    store.write(third)
+    (tmp_path / "versions" / "v3" / "item_factors.npy").write_bytes(b"garbage")
+    (tmp_path / "CURRENT").write_text(json.dumps({"version": "v3"}))
+    clock.now += 11
+    assert holder.current().version == "v2"
+    assert "v3" in holder.refused and any("REFUSED model v3" in r.getMessage() for r in caplog.records)
+    clock.now += 11
+    holder.current()
+    assert sum("REFUSED" in r.getMessage() for r in caplog.records) == 1   # logged once, not every poll
