@@ -145,7 +145,7 @@ class BatchRefresher:
     def __call__(self, batch_df, batch_id: int) -> None:
         started = time.perf_counter()
         frame = batch_df.toPandas()        # one action: the state is updated exactly once per batch
-        figures = RefreshFigures(customers_in_batch=len(frame))
+        figures = RefreshFigures(customers_in_batch=len(frame), state_ms=(time.perf_counter() - started) * 1000)
         if len(frame):
             figures.new_events = int(frame["new_events"].sum())
             figures.duplicate_events = int(frame["duplicate_events"].sum())
@@ -155,10 +155,14 @@ class BatchRefresher:
         figures.model_version = model.version if model else None
         changed = frame[frame["new_events"] > 0].reset_index(drop=True) if len(frame) else frame
         if model is not None and len(changed):
+            scoring_started = time.perf_counter()
             scored = score_customers(model, changed, self.settings.k, self.settings.exclude_purchased)
             records = records_for(model, changed, scored, computed_at_ms=now_ms())
+            writing_started = time.perf_counter()
+            figures.score_ms = (writing_started - scoring_started) * 1000
             self._write(records, batch_id)
-            output_ms = now_ms()
+            figures.write_ms = (time.perf_counter() - writing_started) * 1000
+            figures.output_ms = output_ms = now_ms()
             figures.customers_refreshed = len(records)
             figures.latencies_ms = output_ms - np.concatenate(
                 [np.asarray(ts, dtype=np.int64) for ts in changed["new_kafka_ts_ms"]])

@@ -33,7 +33,11 @@ class RefreshFigures:
     duplicate_events: int = 0
     before_cutoff_events: int = 0
     model_version: str | None = None
-    refresh_ms: float = 0.0
+    refresh_ms: float = 0.0            # the whole foreachBatch, of which:
+    state_ms: float = 0.0              #   running the batch up to the state (validation, state store)
+    score_ms: float = 0.0              #   scoring the refreshed customers
+    write_ms: float = 0.0              #   writing their records to the topic and the table
+    output_ms: int = 0                 # when the records were written (epoch ms)
     latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
@@ -53,6 +57,9 @@ class BatchReport:
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     model_version: str | None = None
+    state_ms: float = 0.0
+    score_ms: float = 0.0
+    write_ms: float = 0.0
     timestamp: str = ""
 
     def line(self) -> str:
@@ -64,7 +71,8 @@ class BatchReport:
         return (f"scoring batch {self.batch_id}: {self.input_rows:,} input rows, {self.invalid_rows:,} invalid, "
                 f"{self.new_events:,} new purchases ({self.duplicate_events:,} duplicates, "
                 f"{self.before_cutoff_events:,} before the model cutoff), "
-                f"{self.customers_refreshed:,} customers refreshed, batch {self.duration_ms:,} ms, "
+                f"{self.customers_refreshed:,} customers refreshed, batch {self.duration_ms:,} ms "
+                f"(state {self.state_ms:,.0f}, scoring {self.score_ms:,.0f}, writing {self.write_ms:,.0f}), "
                 f"event-to-output latency {latency}, model {self.model_version}")
 
 
@@ -76,7 +84,7 @@ class StreamMetrics:
         self._pending: dict[int, RefreshFigures] = {}
         self._reported: set[tuple[str, str, int]] = set()
         self.reports: deque[BatchReport] = deque(maxlen=history)
-        self._latencies: deque[np.ndarray] = deque()
+        self._latencies: deque[tuple[int, np.ndarray]] = deque()   # (output time ms, latencies)
         self._latency_count = 0
         self._latency_reservoir = latency_reservoir
         self.totals = {"input_rows": 0, "invalid_rows": 0, "customers_refreshed": 0, "new_events": 0,
@@ -87,10 +95,10 @@ class StreamMetrics:
         with self._lock:
             self._pending[int(batch_id)] = figures
             if len(figures.latencies_ms):
-                self._latencies.append(np.asarray(figures.latencies_ms, dtype=np.float64))
+                self._latencies.append((figures.output_ms, np.asarray(figures.latencies_ms, dtype=np.float64)))
                 self._latency_count += len(figures.latencies_ms)
                 while self._latency_count > self._latency_reservoir and len(self._latencies) > 1:
-                    self._latency_count -= len(self._latencies.popleft())
+                    self._latency_count -= len(self._latencies.popleft()[1])
 
     def on_progress(self, progress) -> BatchReport | None:
         """Build, keep and log the report of one finished micro-batch (``progress``: Spark's).
@@ -120,6 +128,7 @@ class StreamMetrics:
                     report.duplicate_events = figures.duplicate_events
                     report.before_cutoff_events = figures.before_cutoff_events
                     report.model_version = figures.model_version
+                    report.state_ms, report.score_ms, report.write_ms = figures.state_ms, figures.score_ms, figures.write_ms
                     if len(figures.latencies_ms):
                         report.latency_p50_ms, report.latency_p95_ms = (
                             float(v) for v in np.percentile(figures.latencies_ms, [50, 95]))
@@ -135,12 +144,14 @@ class StreamMetrics:
         for name in ("input_rows", "invalid_rows", "customers_refreshed", "new_events", "duplicate_events"):
             self.totals[name] += getattr(report, name)
 
-    def latency_percentiles(self, percentiles=(50, 95, 99)) -> dict[str, float] | None:
-        """Event-to-output latency over the kept events (ms), or None before any output."""
+    def latency_percentiles(self, percentiles=(50, 95, 99), since_ms: int | None = None) -> dict[str, float] | None:
+        """Event-to-output latency (ms) of the kept events output at or after ``since_ms`` (epoch
+        ms; None: all), or None when there are none."""
         with self._lock:
-            if not self._latencies:
+            kept = [values for output_ms, values in self._latencies if since_ms is None or output_ms >= since_ms]
+            if not kept:
                 return None
-            values = np.concatenate(list(self._latencies))
+            values = np.concatenate(kept)
         return {f"p{p}": float(v) for p, v in zip(percentiles, np.percentile(values, percentiles))} \
             | {"events": int(len(values))}
 

@@ -1,0 +1,183 @@
+"""python -m streaming.bench: event-to-recommendation latency and sustained throughput at a rate.
+
+Runs the real streaming job (in this process, on the configured Spark master) on topics, table
+and checkpoint of its own, against the configured broker, DynamoDB endpoint and the current model
+in the configured store, while a producer thread sends purchases at ``--rate`` events per second:
+the model's customers (a share of brand-new ones) buying products drawn by popularity, stamped
+with the current time. After ``--warmup`` seconds (query start-up, first batches) it measures for
+``--duration`` seconds, then waits for the job to drain what was sent.
+
+Latency = when the customer's refreshed record was written (topic flushed and table updated)
+minus the event's Kafka timestamp (its produce time). Throughput = purchases the job folded into
+the state and scored per second over the measured window; the job keeps up when it drains within
+a couple of trigger intervals of the producer stopping.
+
+    python -m streaming.bench --rate 200 --duration 120 --warmup 45
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("streaming.bench")
+
+
+def bench_config(cfg, run_id: str):
+    """The configuration with this run's own topics, table and checkpoint."""
+    from streaming.settings import StreamingSettings
+
+    checkpoint = f"{StreamingSettings.from_config(cfg).checkpoint_dir.rstrip('/')}-bench/{run_id}"
+    return cfg.with_overrides({
+        "kafka.topics.transactions": f"bench-tx-{run_id}", "kafka.topics.recommendations": f"bench-recs-{run_id}",
+        "kafka.topics.dead_letter": f"bench-dlq-{run_id}", "dynamodb.table": f"bench-recs-{run_id}",
+        "streaming.checkpoint_dir": checkpoint, "streaming.starting_offsets": "earliest"})
+
+
+class Producer(threading.Thread):
+    """Purchases at a steady rate (token bucket) until ``seconds`` have passed."""
+
+    def __init__(self, cfg, artifact, rate: float, seconds: float, new_share: float, seed: int):
+        super().__init__(daemon=True)
+        from kafka import KafkaProducer
+
+        from models.clients import kafka_options
+
+        self.topic = str(cfg.get_path("kafka.topics.transactions"))
+        self.producer = KafkaProducer(**kafka_options(cfg), acks=1, linger_ms=5)
+        self.rate, self.seconds, self.new_share = rate, seconds, new_share
+        self.rng = np.random.default_rng(seed)
+        self.customers = np.asarray(artifact.user_ids)
+        popularity = np.asarray(artifact.popularity, dtype=np.float64) + 1.0
+        self.products, self.weights = np.asarray(artifact.item_ids), popularity / popularity.sum()
+        self.sent = 0
+        self.started_at = self.finished_at = 0.0
+
+    def run(self) -> None:
+        self.started_at = time.time()
+        prefix = uuid.uuid4().hex[:8]
+        while (elapsed := time.time() - self.started_at) < self.seconds:
+            due = int(elapsed * self.rate) - self.sent
+            if due <= 0:
+                time.sleep(min(0.01, 1 / self.rate))
+                continue
+            for event in self._events(prefix, due):
+                self.producer.send(self.topic, key=event["customer_id"].encode(), value=json.dumps(event).encode())
+            self.sent += due
+        self.producer.flush(timeout=60)
+        self.finished_at = time.time()
+        self.producer.close()
+
+    def _events(self, prefix: str, n: int) -> list[dict]:
+        new = self.rng.random(n) < self.new_share
+        customers = np.where(new, [f"BENCH-NEW-{i}" for i in self.rng.integers(0, 10 ** 6, n)],
+                             self.customers[self.rng.integers(0, len(self.customers), n)])
+        products = self.products[self.rng.choice(len(self.products), n, p=self.weights)]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return [{"event_id": f"{prefix}-{self.sent + i}", "customer_id": str(c), "product_id": str(p),
+                 "quantity": int(q), "event_time": now}
+                for i, (c, p, q) in enumerate(zip(customers, products, self.rng.integers(1, 4, n)))]
+
+
+def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, seed: int,
+        drain_timeout_s: float = 300) -> dict:
+    from models.clients import ensure_table, ensure_topics
+    from models.spark import build_spark
+    from models.store import ModelStore
+    from streaming.job import StreamingJob
+
+    artifact = ModelStore.from_config(cfg).load()
+    run_id = uuid.uuid4().hex[:8]
+    own = bench_config(cfg, run_id)
+    ensure_topics(own)
+    ensure_table(own)
+    spark = build_spark(own, "reco-streaming-bench")
+    job = StreamingJob(own, spark).start()
+    producer = Producer(own, artifact, rate, warmup_s + duration_s, new_share, seed)
+    try:
+        producer.start()
+        producer.join()
+        window_start_ms = int((producer.started_at + warmup_s) * 1000)
+        window_end_ms = int(producer.finished_at * 1000)
+        deadline = time.time() + drain_timeout_s
+        while _processed(job) < producer.sent and time.time() < deadline:
+            time.sleep(0.5)
+        drained_s = time.time() - producer.finished_at
+        processed = _processed(job)
+    finally:
+        job.stop()
+        spark.stop()
+    reports = [r for r in job.metrics.reports if r.query == "reco-scoring"]
+    in_window = [r for r in reports if _report_ms(r) and window_start_ms <= _report_ms(r) <= window_end_ms]
+    window_s = (window_end_ms - window_start_ms) / 1000
+    latency = job.metrics.latency_percentiles((50, 95, 99), since_ms=window_start_ms)
+    return {
+        "rate_target": rate, "rate_achieved": round(producer.sent / max(1e-9, producer.finished_at - producer.started_at), 1),
+        "sent": producer.sent, "processed": processed, "drained_after_s": round(drained_s, 1),
+        "window_s": round(window_s, 1),
+        "throughput_events_per_s": round(sum(r.new_events for r in in_window) / window_s, 1) if window_s > 0 else None,
+        "latency_ms": None if latency is None else {k: round(v) if k != "events" else v for k, v in latency.items()},
+        "batches_in_window": len(in_window),
+        "mean_batch_ms": round(float(np.mean([r.duration_ms for r in in_window])), 1) if in_window else None,
+        "mean_batch_rows": round(float(np.mean([r.input_rows for r in in_window])), 1) if in_window else None,
+        "model": {"version": artifact.version, "type": artifact.model_type, "items": artifact.n_items,
+                  "customers": artifact.n_users, "rank": artifact.rank},
+        "spark_master": str(own.get_path("spark.master")),
+        "trigger_interval": str(own.get_path("streaming.trigger_interval")),
+        "shuffle_partitions": int(own.get_path("spark.shuffle_partitions")),
+    }
+
+
+def _processed(job) -> int:
+    totals = job.metrics.totals
+    return totals["new_events"] + totals["duplicate_events"]
+
+
+def _report_ms(report) -> int | None:
+    try:
+        return int(datetime.fromisoformat(report.timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streaming.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], metavar="FILE")
+    parser.add_argument("--rate", type=float, default=200, help="events per second (default 200)")
+    parser.add_argument("--duration", type=float, default=120, help="measured seconds (default 120)")
+    parser.add_argument("--warmup", type=float, default=45, help="seconds sent before measuring (default 45)")
+    parser.add_argument("--new-customers", type=float, default=0.05, help="share of brand-new customers")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+
+    from models.config import load_config
+    from models.logging_setup import setup_logging
+    from models.store import ModelLoadError
+
+    setup_logging("INFO")
+    cfg = load_config(files=args.config or None)
+    try:
+        result = run(cfg, args.rate, args.duration, args.warmup, args.new_customers, args.seed)
+    except ModelLoadError as err:
+        log.error("%s", err)
+        return 2
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
