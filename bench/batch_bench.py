@@ -352,6 +352,26 @@ def _scoring_core(items, purchased, params, customers: int, k: int, fold_in, gra
             "single_us_p95": float(np.percentile(singles, 95)) * 1e6, "single_n": single_n}
 
 
+def worker_core(n_items: int, rank: int, customers: int) -> None:
+    """The scoring core alone on synthetic factors (no Spark): random item factors of the
+    generated catalogue's size and baskets of the generated data's mean size (85 products)."""
+    import numpy as np
+
+    from batch_training.job import als_params_from_config
+    from batch_training.train import PairArrays
+    from models.config import load_config
+    from models.scoring import fold_in, gramian, top_k, transform_counts
+
+    params = als_params_from_config(load_config())
+    rng = np.random.default_rng(42)
+    items = (rng.standard_normal((n_items, rank)) * 0.05).astype(np.float32)
+    sizes = np.maximum(1, rng.lognormal(np.log(50), 1.0, customers).astype(np.int64))
+    indptr = np.concatenate([[0], np.cumsum(sizes)])
+    indices = np.concatenate([np.sort(rng.choice(n_items, size=min(s, n_items), replace=False)) for s in sizes])
+    purchased = PairArrays(indptr, indices.astype(np.int32), rng.integers(1, 4, indices.size).astype(np.float32))
+    _emit(_scoring_core(items, purchased, params, customers, 10, fold_in, gramian, top_k, transform_counts))
+
+
 def worker_original(data_path: str, out_dir: str) -> None:
     """The replaced job: explicit ALS on counts, 5-fold RMSE CV over two regParams, recommendForAllUsers."""
     from pyspark.ml.evaluation import RegressionEvaluator
@@ -640,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
             worker_blas(rest[0], rest[1] == "java")
         elif name == "topk":
             worker_topk(rest[0], int(rest[1]))
+        elif name == "core":
+            worker_core(int(rest[0]), int(rest[1]), int(rest[2]))
         elif name == "original":
             worker_original(rest[0], rest[1])
         else:
