@@ -502,3 +502,16 @@ def test_sigkill_mid_stream_then_restart_counts_every_event_once(spark, job_cfg,
         item = read_table_item(job_cfg, customer)
         assert item["last_event_ms"] == _ms(row["newest"]), customer           # their newest event
         assert item["model_version"] == model.version
+
+
+def test_purchases_leave_the_state_after_the_ttl(spark, job_cfg, model):
+    customer = str(model.user_ids[0])
+    product = str(model.item_ids[0])
+    ttl_cfg = job_cfg.with_overrides({"streaming.state_ttl": "3 seconds"})
+    produce(ttl_cfg, [event("ttl-1", customer, product, cutoff_plus(model, minutes=1))])
+    run_available_now(spark, ttl_cfg)
+    assert latest_records(ttl_cfg)[customer]["purchases_since_cutoff"] == 1
+    time.sleep(4)
+    produce(ttl_cfg, [event("ttl-2", customer, product, cutoff_plus(model, minutes=2))])
+    run_available_now(spark, ttl_cfg)
+    assert latest_records(ttl_cfg)[customer]["purchases_since_cutoff"] == 1      # the first one expired
