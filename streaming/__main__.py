@@ -16,8 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file by spark-submit: import the package, not its folder
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 from models.config import ConfigError, load_config  # noqa: E402
 from models.logging_setup import setup_logging  # noqa: E402

@@ -450,7 +450,7 @@ def test_sigkill_mid_stream_then_restart_counts_every_event_once(spark, job_cfg,
     import os
     import signal
 
-    from streaming.inspect import read_purchase_state
+    from streaming.inspect_state import read_purchase_state
 
     rng = np.random.default_rng(9)
     customers = [str(c) for c in rng.choice(model.user_ids, 20, replace=False)] + [f"NEW-K{i}" for i in range(5)]

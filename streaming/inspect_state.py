@@ -1,8 +1,8 @@
-"""python -m streaming.inspect: what the scoring query's checkpoint holds, read with Spark's
+"""python -m streaming.inspect_state: what the scoring query's checkpoint holds, read with Spark's
 state data source (works on a stopped job's checkpoint, or a copy of a running one's).
 
-    python -m streaming.inspect                 # purchases held, customers, TTL horizon
-    python -m streaming.inspect --customer C1   # one customer's purchases since the cutoff
+    python -m streaming.inspect_state                 # purchases held, customers, TTL horizon
+    python -m streaming.inspect_state --customer C1   # one customer's purchases since the cutoff
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def read_purchase_state(spark, scoring_checkpoint: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streaming.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m streaming.inspect_state", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], metavar="FILE")
     parser.add_argument("--customer", help="show this customer's purchases")
