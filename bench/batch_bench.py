@@ -527,7 +527,7 @@ def orchestrate(opts: argparse.Namespace, save: Callable[[dict[str, Any]], None]
     if "grid" in parts:
         record("grid", _job(["--input", str(data)]), scratch_dir("grid"))
     if "datasets" in parts and opts.datasets_dir:
-        for dataset in ("online_retail", "groceries"):
+        for dataset in opts.dataset_names.split(","):
             common = ["--dataset", dataset, "--datasets-dir", opts.datasets_dir, "--no-publish"]
             record(f"{dataset}_ours", _job([*common, "--no-cv"]), scratch_dir(f"{dataset}_ours"))
             record(f"{dataset}_original",
@@ -632,7 +632,8 @@ def report(results: dict[str, Any]) -> str:
                           ["Java (forced)", _impl(java), _f(java["fit_seconds"])]]),
                       f"Java / native fit time: {java['fit_seconds'] / native['fit_seconds']:.2f}.", ""]
     quality_sets = [("generated data", "ours", "original_quality")] + [
-        (name.replace("_", " ").title(), f"{name}_ours", f"{name}_original") for name in ("online_retail", "groceries")]
+        (name.replace("_", " ").title(), f"{name}_ours", f"{name}_original")
+        for name in sorted({key.rsplit("_", 1)[0] for key in parts if key.endswith("_ours")} - {"ours"})]
     for title, ours_key, original_key in quality_sets:
         if ours_key not in parts:
             continue
@@ -676,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the JSON and markdown")
     parser.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a --set passed to every python -m batch_training run (e.g. batch.scorers.candidates=[als])")
+    parser.add_argument("--dataset-names", default="online_retail,groceries",
+                        help="the public datasets of the datasets part (config/datasets presets)")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     opts = parser.parse_args(argv)
     JOB_SETTINGS.extend(opts.job_set)
