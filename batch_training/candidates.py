@@ -10,11 +10,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import numpy as np
 
 from models.artifact import ModelArtifact
 from models.scorers import MODEL_TYPES, recommend_from_counts
 
+log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("als", "blend", "popularity", "item_knn")
 DEFAULT_BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
@@ -49,6 +52,21 @@ def candidates_from_config(cfg) -> list[Candidate]:
         else:
             result.append(Candidate(model_type))
     return result
+
+
+def without_unaffordable_knn(candidates: list[Candidate], n_items: int, max_items: int) -> list[Candidate]:
+    """Drop item-kNN when its dense item-item similarity would not fit in memory.
+
+    The similarity is a dense float32 [n_items, n_items] matrix (plus the co-occurrence it is
+    built from): 90k products would need ~60 GiB. Above ``batch.scorers.max_knn_items`` the
+    candidate and the baseline are skipped, and the log says so.
+    """
+    if n_items <= max_items or not any(c.model_type == "item_knn" for c in candidates):
+        return candidates
+    need_gib = 2 * 4 * n_items ** 2 / 2 ** 30
+    log.warning("item-kNN skipped: %s products exceed batch.scorers.max_knn_items=%s (its dense similarity "
+                "would need ~%.0f GiB)", f"{n_items:,}", f"{max_items:,}", need_gib)
+    return [c for c in candidates if c.model_type != "item_knn"]
 
 
 def scoring_artifact(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,

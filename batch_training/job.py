@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
+                                       without_unaffordable_knn,
                                        scoring_artifact, select)
 from batch_training.data import aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
@@ -145,6 +146,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     log.info("chosen parameters: %s", chosen.label())
 
     candidates = candidates_from_config(cfg) if metric not in LOWER_IS_BETTER else [Candidate("als")]
+    max_knn_items = int(cfg.get_path("batch.scorers.max_knn_items", 10_000))
+    candidates = without_unaffordable_knn(candidates, n_items, max_knn_items)
     selected, selection = candidates[0], {}
     if len(candidates) > 1:
         stages.start(f"model selection on a validation split ({len(candidates)} candidates)")
@@ -154,7 +157,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
 
     stages.start("evaluation on the holdout")
     holdout_factors = fit_als(train, chosen, n_users, n_items)
-    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, candidates, selected)
+    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, candidates, selected,
+                                max_knn_items)
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
@@ -296,7 +300,7 @@ def _candidate_table(factors: Factors, train, test, n_users: int, n_items: int, 
 
 def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int, k: int,
                       exclude_main: bool, candidates: list[Candidate] | None = None,
-                      selected: Candidate | None = None) -> dict[str, Any]:
+                      selected: Candidate | None = None, max_knn_items: int = 10_000) -> dict[str, Any]:
     """The selected model ("model") beside every candidate and the popularity and item-kNN baselines,
     on the same split, with purchased items excluded and included."""
     selected = selected or Candidate("als")
@@ -304,6 +308,7 @@ def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int,
     for baseline in (Candidate("popularity"), Candidate("item_knn"), Candidate("als")):
         if baseline not in everyone:
             everyone.append(baseline)
+    everyone = without_unaffordable_knn(everyone, n_items, max_knn_items)
     report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main, "selected": selected.name}
     for exclude in (True, False):
         rows = _candidate_table(factors, train, test, n_users, n_items, k, exclude, everyone)

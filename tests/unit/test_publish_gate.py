@@ -36,3 +36,12 @@ def test_a_model_far_worse_than_the_current_one_is_refused():
 def test_a_nan_metric_never_passes():
     ok, _ = gate_decision(_cfg(), _metrics(float("nan"), 0.0), "map", True, current=None)
     assert not ok
+
+
+def test_item_knn_is_skipped_when_its_dense_similarity_would_not_fit():
+    from batch_training.candidates import Candidate, without_unaffordable_knn
+
+    candidates = [Candidate("als"), Candidate("item_knn"), Candidate("popularity")]
+    assert without_unaffordable_knn(candidates, n_items=5_000, max_items=10_000) == candidates
+    kept = without_unaffordable_knn(candidates, n_items=90_704, max_items=10_000)
+    assert [c.model_type for c in kept] == ["als", "popularity"]
