@@ -16,6 +16,14 @@ a couple of trigger intervals of the producer stopping.
 """
 from __future__ import annotations
 
+import os
+
+# The driver scores each micro-batch with many small solves and one matrix product: on a few cores
+# shared with the Spark tasks, OpenBLAS' own threads fight them and run 2-4x slower (measured).
+# Set before numpy is imported; an explicit setting in the environment wins.
+for _blas_threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas_threads, "1")
+
 import argparse
 import json
 import logging
