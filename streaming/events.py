@@ -28,6 +28,7 @@ NON_POSITIVE_QUANTITY = "non_positive_quantity"
 ABSURD_QUANTITY = "absurd_quantity"
 UNPARSEABLE_TIME = "unparseable_time"
 FUTURE_TIME = "future_time"
+VALIDATION_ERROR = "validation_error"   # a failure the checks did not foresee (never expected)
 
 
 def missing_field(name: str) -> str:
@@ -155,6 +156,15 @@ def _quantity_problem(quantity: Any, max_quantity: int) -> str | None:
     return None
 
 
+def _validate_safely(value: bytes | None, rules: ValidationRules, reference_ms: int) -> tuple:
+    """``validate_value``, with any failure it did not foresee turned into a reason: one odd
+    message must never fail the micro-batch (and with it the job)."""
+    try:
+        return validate_value(value, rules, reference_ms)
+    except Exception as err:  # noqa: BLE001 - reported as the event's reason instead
+        return _invalid(f"{VALIDATION_ERROR}:{type(err).__name__}")
+
+
 def validate_values(values: Sequence[bytes | None], rules: ValidationRules,
                     reference_ms: int | Sequence[int]) -> pd.DataFrame:
     """Validate a batch of raw values: one row per value, columns ``VALIDATED_COLUMNS``.
@@ -162,7 +172,7 @@ def validate_values(values: Sequence[bytes | None], rules: ValidationRules,
     ``reference_ms`` is one clock for all values or one per value (their Kafka timestamps).
     """
     references = [reference_ms] * len(values) if isinstance(reference_ms, (int, float)) else reference_ms
-    rows = [validate_value(value, rules, int(reference)) for value, reference in zip(values, references)]
+    rows = [_validate_safely(value, rules, int(reference)) for value, reference in zip(values, references)]
     frame = pd.DataFrame.from_records(rows, columns=list(VALIDATED_COLUMNS))
     return frame.astype({"event_id": object, "customer_id": object, "product_id": object,
                          "quantity": "Int64", "event_time_ms": "Int64", "reason": object})

@@ -203,6 +203,7 @@ class StreamingJob:
         self.queries: list = []
         self._listener = None
         self._stop_requested = threading.Event()
+        self._stopped = False
 
     @property
     def scoring_query(self):
@@ -273,6 +274,9 @@ class StreamingJob:
 
     def stop(self, grace_s: float = 60.0) -> None:
         """Stop after the running micro-batch completes (up to ``grace_s``), then report and close."""
+        if self._stopped:
+            return
+        self._stopped = True
         deadline = time.monotonic() + grace_s
         for query in self.queries:
             while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:

@@ -82,7 +82,7 @@ class StreamMetrics:
     def __init__(self, history: int = 10_000, latency_reservoir: int = 1_000_000):
         self._lock = threading.Lock()
         self._pending: dict[int, RefreshFigures] = {}
-        self._reported: set[tuple[str, str, int]] = set()
+        self._reported: deque[tuple[str, str, int]] = deque(maxlen=1000)   # recent batches already logged
         self.reports: deque[BatchReport] = deque(maxlen=history)
         self._latencies: deque[tuple[int, np.ndarray]] = deque()   # (output time ms, latencies)
         self._latency_count = 0
@@ -119,7 +119,7 @@ class StreamMetrics:
         with self._lock:
             if seen in self._reported:
                 return None
-            self._reported.add(seen)
+            self._reported.append(seen)
             figures = self._pending.pop(report.batch_id, None) if report.query == SCORING_QUERY else None
             if report.query == SCORING_QUERY:
                 if figures is not None:

@@ -143,3 +143,12 @@ def test_streaming_settings_resolve_the_checkpoint_under_the_run_dir(tmp_path):
     assert settings.k == 10 and settings.exclude_purchased is True
     with pytest.raises(ConfigError, match="starting_offsets"):
         StreamingSettings.from_config(cfg.with_overrides({"streaming.starting_offsets": "oldest"}))
+
+
+def test_an_unforeseen_failure_becomes_a_reason_not_an_error():
+    class Unreadable(bytes):
+        def __len__(self):
+            raise RuntimeError("broken buffer")
+
+    frame = validate_values([Unreadable(b"x"), json.dumps(GOOD).encode()], RULES, NOW_MS)
+    assert list(frame["reason"]) == ["validation_error:RuntimeError", None]
