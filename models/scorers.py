@@ -164,16 +164,7 @@ def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndar
     relevance = np.zeros(len(indices))
     relevance[known] = pair_scores(artifact, indptr, indices, counts, rows[known], indices[known])
     combined = _share_of_row_max(relevance, rows, n) + _share_of_row_max(counts, rows, n)
-    rows, items, combined = rows[known], indices[known], combined[known]
-    order = np.lexsort((items, -combined, rows))
-    rows, items, combined = rows[order], items[order], combined[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
-    take = rank < k
-    item_idx = np.full((n, k), -1, dtype=np.int32)
-    scores = np.full((n, k), np.nan, dtype=np.float32)
-    item_idx[rows[take], rank[take]] = items[take]
-    scores[rows[take], rank[take]] = combined[take]
-    return item_idx, scores
+    return scoring.top_k_of_triples(rows[known], indices[known], combined[known], n, k)
 
 
 def discover(artifact, indptr, indices, counts, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -230,15 +230,7 @@ def _select_top(block_scores: np.ndarray, n_items: int, k: int) -> tuple[np.ndar
     values = block_scores[cols, rows]
     keep = (values >= threshold[rows]) & np.isfinite(values)
     rows, cols, values = rows[keep], cols[keep], values[keep]
-    order = np.lexsort((cols, -values, rows))
-    rows, cols, values = rows[order], cols[order], values[order]
-    rank_in_row = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n_rows))[rows]
-    take = rank_in_row < k
-    item_idx = np.full((n_rows, k), -1, dtype=np.int32)
-    scores = np.full((n_rows, k), np.nan, dtype=np.float32)
-    item_idx[rows[take], rank_in_row[take]] = cols[take]
-    scores[rows[take], rank_in_row[take]] = values[take]
-    return item_idx, scores
+    return top_k_of_triples(rows, cols, values, n_rows, k)
 
 
 def _mask_excluded(block_scores: np.ndarray, exclude: Csr, begin: int, end: int) -> None:
@@ -285,3 +277,20 @@ def _check_csr_shape(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> N
                          f"of indices ({len(indices)})")
     if len(indices) and indices.max() >= n_items:
         raise ValueError(f"CSR item index {int(indices.max())} is out of range for {n_items} items")
+
+
+def top_k_of_triples(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: int,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (col, value) per row from unordered triples, as padded [n_rows, k] matrices.
+
+    Ranked by value descending, ties by lower column; -1 / NaN pad rows with fewer than k.
+    """
+    order = np.lexsort((cols, -values, rows))
+    rows, cols, values = rows[order], cols[order], values[order]
+    rank_in_row = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n_rows))[rows]
+    take = rank_in_row < k
+    item_idx = np.full((n_rows, k), -1, dtype=np.int32)
+    scores = np.full((n_rows, k), np.nan, dtype=np.float32)
+    item_idx[rows[take], rank_in_row[take]] = cols[take]
+    scores[rows[take], rank_in_row[take]] = values[take]
+    return item_idx, scores
