@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from models.scoring import top_k, transform_counts
+from models.scoring import csr_rows, top_k, transform_counts
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ class PairArrays:
 
     def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The CSR (indptr, indices) restricted to ``users``, in their order."""
-        starts, ends = self.indptr[users], self.indptr[users + 1]
-        lengths = ends - starts
-        indptr = np.concatenate([[0], np.cumsum(lengths)])
-        take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(users) else np.array([], int)
-        return indptr, self.indices[take.astype(np.int64)]
+        return csr_rows(self.indptr, users, self.indices)
 
 
 def recommend_users(factors: Factors, users: np.ndarray, k: int,

@@ -267,11 +267,7 @@ def _dense_rows(indptr, indices, begin, end, n_items) -> np.ndarray:
 
 def _rows(indptr, indices, counts, rows):
     """The CSR of ``rows`` only, in their order: (indptr, indices, counts)."""
-    starts = indptr[rows]
-    lengths = indptr[rows + 1] - starts
-    sub_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    take = np.repeat(starts - sub_indptr[:-1], lengths) + np.arange(sub_indptr[-1])
-    return sub_indptr, indices[take], counts[take]
+    return scoring.csr_rows(indptr, rows, indices, counts)
 
 
 def _cache(artifact) -> dict:

@@ -294,3 +294,13 @@ def top_k_of_triples(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_r
     item_idx[rows[take], rank_in_row[take]] = cols[take]
     scores[rows[take], rank_in_row[take]] = values[take]
     return item_idx, scores
+
+
+def csr_rows(indptr: np.ndarray, rows: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The CSR restricted to ``rows``, in their order: (indptr, column[take] for each column)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    sub_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    take = np.repeat(starts - sub_indptr[:-1], lengths) + np.arange(sub_indptr[-1])
+    return (sub_indptr, *(column[take] for column in columns))
