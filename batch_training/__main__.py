@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", metavar="PATH", help="the raw transactions (overrides data.path)")
     parser.add_argument("--mode", choices=["implicit", "explicit"],
                         help="implicit feedback ALS (default) or explicit ratings with RMSE, like the old job")
-    parser.add_argument("--no-cv", action="store_true", help="skip cross-validation: train batch.als as given")
+    parser.add_argument("--no-cv", action="store_true",
+                        help="skip cross-validation: train batch.als as given and serve the first of "
+                             "batch.scorers.candidates (every candidate is still reported on the holdout)")
     parser.add_argument("--no-publish", action="store_true", help="write the model version but do not make it current")
     parser.add_argument("--write-table", action="store_true", help="also write every customer's list to DynamoDB")
     parser.add_argument("--write-topic", action="store_true", help="also publish every list to the recommendations topic")
@@ -59,7 +61,7 @@ def build_config(args: argparse.Namespace):
         overrides.update({"batch.als.implicit_prefs": False, "batch.selection_metric": "rmse",
                           "batch.publish.metric": "rmse"})
     if args.no_cv:
-        overrides["batch.grid"] = {}
+        overrides["batch.cv_folds"] = 0
     if args.no_publish:
         overrides["batch.publish.enabled"] = False
     if args.write_table:

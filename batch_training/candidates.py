@@ -110,6 +110,35 @@ def select(results: dict[str, dict], candidates: list[Candidate], metric: str,
     return best if _finite(results[best.name][metric]) >= baseline * (1 + min_lift) else by_name["popularity"]
 
 
+def select_model(results, candidates: list[Candidate], metric: str, min_lift: float,
+                 lower_is_better: bool = False):
+    """The (ALS parameters, scorer) pair with the best cross-validated mean ``metric``.
+
+    ``results`` are ``batch_training.train.CandidateResult`` (one per ALS parameter set, each fold
+    holding every scorer's metrics). A personalised winner must beat popularity's mean by
+    ``min_lift``, otherwise popularity is chosen, as the publish gate would refuse it anyway.
+    Ties go to the earlier parameter set, then the earlier scorer. Returns
+    ``(params, candidate, rows)`` with one row per pair, best first, for the log and the report.
+    """
+    sign = -1.0 if lower_is_better else 1.0
+    rows = [{"params": result.params, "candidate": candidate, "mean": result.mean(metric, candidate.name),
+             "sd": result.sd(metric, candidate.name), "order": (p_no, c_no)}
+            for p_no, result in enumerate(results) for c_no, candidate in enumerate(candidates)
+            if candidate.name in result.scorers()]
+    if not rows:
+        raise ValueError("cross-validation produced no metrics: no candidate was scored")
+    rows.sort(key=lambda row: (-_finite(sign * row["mean"]), row["order"]))
+    best = rows[0]
+    if best["candidate"].model_type != "popularity" and not lower_is_better:
+        popular = [row for row in rows if row["candidate"].model_type == "popularity"]
+        if popular and _finite(best["mean"]) < _finite(popular[0]["mean"]) * (1 + min_lift):
+            log.info("the best personalised model %s (%s %.4f) does not beat popularity (%.4f) by %.0f%%: "
+                     "popularity is selected", best["candidate"].name, metric, best["mean"], popular[0]["mean"],
+                     min_lift * 100)
+            best = popular[0]
+    return best["params"], best["candidate"], rows
+
+
 def _finite(value) -> float:
     value = float(value)
     return value if np.isfinite(value) else -np.inf

@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
-                                       without_unaffordable_knn,
-                                       scoring_artifact, select)
+                                       scoring_artifact, select_model, without_unaffordable_knn)
 from batch_training.data import aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
                                        kfold_splits, popularity_recommendations, relevant_sets, evaluate)
 from batch_training.metrics import ranking_metrics, rmse
-from batch_training.train import (AlsParams, Factors, PairArrays, cross_validate, fit_als, params_grid,
-                                  recommend_users, select_best)
+from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
+                                  params_grid)
 from models.config import Config
 
 log = logging.getLogger("batch_training")
@@ -100,7 +99,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
         raise ValueError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")
 
     stages.start("aggregate")
-    count_mode = str(data_cfg.get("count_mode", "rows"))
+    count_mode = source_count_mode = str(data_cfg.get("count_mode", "rows"))
     cutoff = events.agg({"event_time": "max"}).first()[0]
     half_life = cfg.get_path("batch.recency.half_life_days", None)
     recency = {}
@@ -133,48 +132,53 @@ def run(cfg: Config, spark=None) -> BatchResult:
     train, test = train.cache(), test.cache()
     log.info("holdout (%s): train %s pairs, test %s pairs", method, f"{train.count():,}", f"{test.count():,}")
 
-    candidates = params_grid(base, cfg.get_path("batch.grid", {}) or {})
-    if len(candidates) > 1:
-        folds_k = int(cfg.get_path("batch.cv_folds", 5))
-        stages.start(f"cross-validation ({folds_k} folds x {len(candidates)} candidates)")
-        results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), candidates,
-                                 n_users, n_items, _fold_scorer(k, exclude, metric, n_users), metric)
-        chosen = _select(results, metric)
-        cv_summary = [{"params": r.params.as_dict(), f"mean_{metric}": r.mean(metric)} for r in results]
+    scorers = _scorer_candidates(cfg, metric, n_items)
+    chosen, selected, cv_summary = base, scorers[0], []
+    folds_k = int(cfg.get_path("batch.cv_folds", 5))
+    grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
+    if folds_k >= 2 and (len(grid) > 1 or len(scorers) > 1):
+        stages.start(f"cross-validation ({folds_k} folds x {len(grid)} ALS candidates x {len(scorers)} scorers)")
+        results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), grid, n_users, n_items,
+                                 _fold_scorer(k, exclude, metric, n_users, n_items, scorers), metric)
+        chosen, selected, rows = select_model(results, scorers, metric,
+                                              float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1)),
+                                              lower_is_better=metric in LOWER_IS_BETTER)
+        cv_summary = _log_cv(rows, metric, k, folds_k)
     else:
-        chosen, cv_summary = base, []
-    log.info("chosen parameters: %s", chosen.label())
-
-    candidates = candidates_from_config(cfg) if metric not in LOWER_IS_BETTER else [Candidate("als")]
-    max_knn_items = int(cfg.get_path("batch.scorers.max_knn_items", 10_000))
-    candidates = without_unaffordable_knn(candidates, n_items, max_knn_items)
-    selected, selection = candidates[0], {}
-    if len(candidates) > 1:
-        stages.start(f"model selection on a validation split ({len(candidates)} candidates)")
-        selected, selection = _select_scorer(cfg, train, method, count_mode, chosen, candidates, n_users,
-                                             n_items, k, exclude, metric)
-    log.info("selected model: %s", selected.name)
+        log.info("no cross-validation (batch.cv_folds=%d): the configured model %s with %s", folds_k,
+                 selected.name, base.label())
+    log.info("selected model: %s with ALS %s", selected.name, chosen.label())
 
     stages.start("evaluation on the holdout")
     holdout_factors = fit_als(train, chosen, n_users, n_items)
-    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, candidates, selected,
-                                max_knn_items)
+    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, scorers, selected,
+                                max_knn_items=int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
-                            "blend_weight": selected.blend_weight, "metric": metric, "validation": selection}
+                            "blend_weight": selected.blend_weight, "metric": metric,
+                            "params": chosen.as_dict(), "by": f"{folds_k}-fold cross-validation" if cv_summary
+                            else "configuration (no cross-validation)"}
 
-    stages.start("final fit on all data")
-    final = fit_als(indexed, chosen, n_users, n_items)
+    final_mode = str(cfg.get_path("batch.final_fit", "refit"))
+    all_pairs = PairArrays.collect(indexed, n_users)
+    if final_mode == "refit":
+        stages.start("final fit on all data")
+        final = fit_als(indexed, chosen, n_users, n_items)
+    elif final_mode == "fold_in":
+        stages.start("final model: every customer folded into the holdout fit")
+        final = _folded_final(holdout_factors, all_pairs)
+    else:
+        raise ValueError(f"batch.final_fit {final_mode!r}: use 'refit' (a second ALS fit on all data) or "
+                         "'fold_in' (every customer's full history folded into the holdout fit's item factors)")
 
     stages.start(f"top-{k} for every customer")
-    all_pairs = PairArrays.collect(indexed, n_users)
     popularity = item_popularity(indexed, n_items)
     customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
     segments = _segment_popularity(spark, cfg, maps, all_pairs, n_users, n_items)
     artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
-                         stats, metrics, selected, {**recency, **segments})
+                         stats, metrics, selected, {"count_mode": source_count_mode, **recency, **segments})
     item_idx, scores, strategies = _recommend_all(spark, cfg, final, artifact, all_pairs, exclude, k)
 
     stages.start("write recommendations")
@@ -208,7 +212,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
             os.replace(output_dir / f".{name}.tmp", output_dir / name)
     for table in (events, pairs, indexed, train, test):
         table.unpersist()
-    if not published:
+    if not published and cfg.get_path("batch.publish.enabled", True):
         raise PublishRefused(reason)
     return result
 
@@ -229,22 +233,55 @@ def _indexed_events(events, maps):
             .select("user", "item", "quantity", "event_time"))
 
 
-def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int):
-    def score(factors: Factors, train, test) -> dict:
+def _scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate]:
+    """The scorers cross-validation chooses among (only ALS in explicit mode; without CV, the first)."""
+    if metric in LOWER_IS_BETTER:
+        return [Candidate("als")]
+    return without_unaffordable_knn(candidates_from_config(cfg), n_items,
+                                    int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
+
+
+def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int, scorers: list[Candidate]):
+    """Each scorer's metrics on a fold. Popularity and item-kNN do not depend on the ALS parameters,
+    so they are computed once per fold."""
+    independent = [c for c in scorers if c.model_type in ("popularity", "item_knn")]
+    per_fold: dict[int, dict] = {}
+
+    def score(fold_no: int, factors: Factors, train, test) -> dict[str, dict]:
         if metric == "rmse":
-            return {"rmse": _rmse(factors, test)}
-        users = evaluation_users(test, exclude)
-        purchased = PairArrays.collect(train, n_users) if exclude else None
-        recommended, _ = recommend_users(factors, users, k, purchased)
-        relevant = relevant_sets(test, users, exclude)
-        return ranking_metrics(recommended, relevant.indptr, relevant.indices, k)
+            return {"als": {"rmse": _rmse(factors, test)}}
+        dependent = [c for c in scorers if c not in independent]
+        todo = dependent + ([] if fold_no in per_fold else independent)
+        table = _candidate_table(factors, train, test, n_users, n_items, k, exclude, todo)
+        if fold_no not in per_fold:
+            per_fold[fold_no] = {c.name: table[c.name] for c in independent}
+        return {c.name: table[c.name] if c.name in table else per_fold[fold_no][c.name] for c in scorers}
     return score
 
 
-def _select(results, metric: str) -> AlsParams:
-    if metric in LOWER_IS_BETTER:
-        return min(results, key=lambda r: r.mean(metric)).params
-    return select_best(results, metric)
+def _log_cv(rows: list[dict], metric: str, k: int, folds: int) -> list[dict]:
+    """Log the cross-validation ranking (best first) and return it for the report."""
+    lines = [f"{'model':<22} {'ALS parameters':<44} {f'mean {metric}@{k}':>12} {'sd':>8}"]
+    lines += [f"{row['candidate'].name:<22} {row['params'].label():<44} {row['mean']:>12.4f} {row['sd']:>8.4f}"
+              for row in rows]
+    log.info("%d-fold cross-validation, best first:\n%s", folds, "\n".join(lines))
+    return [{"model": row["candidate"].name, "params": row["params"].as_dict(), f"mean_{metric}": row["mean"],
+             f"sd_{metric}": row["sd"]} for row in rows]
+
+
+def _folded_final(holdout: Factors, all_pairs: PairArrays) -> Factors:
+    """The final model without a second fit: the holdout fit's item factors, and every customer's
+    vector folded in from their full history (the half-step ALS itself ends on)."""
+    from models.scoring import fold_in
+
+    started = time.perf_counter()
+    params = holdout.params
+    users = fold_in(holdout.item_factors, all_pairs.indptr, all_pairs.indices,
+                    counts_as_ratings(all_pairs.counts, params), params.reg_param, params.alpha,
+                    implicit=params.implicit_prefs)
+    seconds = time.perf_counter() - started
+    log.info("folded %s customers into the holdout fit's item factors in %.1f s", f"{users.shape[0]:,}", seconds)
+    return replace(holdout, user_factors=users, fit_seconds=seconds)
 
 
 def _rmse(factors: Factors, pairs) -> float:
@@ -252,36 +289,6 @@ def _rmse(factors: Factors, pairs) -> float:
     users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
     predicted = np.einsum("ij,ij->i", factors.user_factors[users], factors.item_factors[items])
     return rmse(predicted, frame["count"].to_numpy(np.float64))
-
-
-def _select_scorer(cfg: Config, train, method: str, count_mode: str, params: AlsParams,
-                   candidates: list[Candidate], n_users: int, n_items: int, k: int, exclude: bool,
-                   metric: str) -> tuple[Candidate, dict]:
-    """Choose the scorer on a validation split of the training part (the holdout stays unseen).
-
-    ``batch.scorers.validation_method`` ``random`` (default) holds out products of every customer
-    with two or more: a time split of the training pairs keeps only the customers whose products
-    have distinct last times (about a tenth on Online Retail), too few for a steady choice.
-    ``holdout`` uses the holdout's method.
-    """
-    validation_method = str(cfg.get_path("batch.scorers.validation_method", "random"))
-    if validation_method not in ("random", "time", "holdout"):
-        raise ValueError(f"batch.scorers.validation_method {validation_method!r}: use random, time or holdout")
-    fit_part, validation = holdout_split(train, method=method if validation_method == "holdout" else validation_method,
-                                         test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
-                                         seed=int(cfg.get_path("batch.holdout.seed", 42)) + 1,
-                                         count_mode=count_mode)
-    fit_part, validation = fit_part.cache(), validation.cache()
-    factors = fit_als(fit_part, params, n_users, n_items)
-    table = _candidate_table(factors, fit_part, validation, n_users, n_items, k, exclude, candidates)
-    fit_part.unpersist()
-    validation.unpersist()
-    lift = float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1))
-    selected = select(table, candidates, metric, lift)
-    log.info("validation metrics of every candidate (purchased items %s); selected %s by %s@%d:\n%s",
-             "excluded" if exclude else "included", selected.name, metric, k, format_metrics_table(table))
-    return selected, {name: {m: row.get(m) for m in ("map", "ndcg", "precision", "recall")}
-                      for name, row in table.items()}
 
 
 def _candidate_table(factors: Factors, train, test, n_users: int, n_items: int, k: int, exclude: bool,

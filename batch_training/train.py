@@ -126,41 +126,55 @@ def recommend_users(factors: Factors, users: np.ndarray, k: int,
 
 @dataclass
 class CandidateResult:
-    params: AlsParams
-    fold_metrics: list[dict] = field(default_factory=list)
+    """One ALS parameter set across the folds: per fold, every scorer's metrics (by scorer name)."""
 
-    def mean(self, metric: str) -> float:
-        return float(np.mean([m[metric] for m in self.fold_metrics])) if self.fold_metrics else float("nan")
+    params: AlsParams
+    fold_metrics: list[dict[str, dict]] = field(default_factory=list)
+
+    def mean(self, metric: str, scorer: str = "als") -> float:
+        values = [fold[scorer][metric] for fold in self.fold_metrics if scorer in fold]
+        return float(np.mean(values)) if values else float("nan")
+
+    def sd(self, metric: str, scorer: str = "als") -> float:
+        values = [fold[scorer][metric] for fold in self.fold_metrics if scorer in fold]
+        return float(np.std(values)) if values else float("nan")
+
+    def scorers(self) -> list[str]:
+        return list(self.fold_metrics[0]) if self.fold_metrics else []
+
+
+FoldScorer = Callable[[int, Factors, Any, Any], dict[str, dict]]
 
 
 def cross_validate(folds: list[tuple[Any, Any]], candidates: list[AlsParams], n_users: int, n_items: int,
-                   score_fold: Callable[[Factors, Any, Any], dict], metric: str) -> list[CandidateResult]:
-    """Fit every candidate on every fold's train part; ``score_fold`` evaluates on its test part."""
+                   score_fold: FoldScorer, metric: str) -> list[CandidateResult]:
+    """Fit every ALS candidate on every fold's train part; ``score_fold(fold_no, factors, train, test)``
+    returns each scorer's metrics on the fold's test part (ALS alone, or the whole scorer family)."""
     results = [CandidateResult(params) for params in candidates]
     total = len(folds) * len(candidates)
     done = 0
     started = time.perf_counter()
     for fold_no, (train, test) in enumerate(folds, 1):
-        train = train.cache()
+        train, test = train.cache(), test.cache()
         for result in results:
             factors = fit_als(train, result.params, n_users, n_items)
-            metrics = score_fold(factors, train, test)
-            result.fold_metrics.append(metrics)
+            by_scorer = score_fold(fold_no, factors, train, test)
+            result.fold_metrics.append(by_scorer)
             done += 1
             elapsed = time.perf_counter() - started
-            log.info("CV fold %d/%d candidate %s: %s@k=%.4f  [%d/%d fits, %.0f s elapsed, ~%.0f s left]",
-                     fold_no, len(folds), result.params.label(), metric, metrics[metric], done, total,
+            best = max(by_scorer, key=lambda name: _finite(by_scorer[name][metric]))
+            log.info("CV fold %d/%d candidate %s: %s@k ALS %.4f, best %s %.4f  [%d/%d fits, %.0f s elapsed, "
+                     "~%.0f s left]", fold_no, len(folds), result.params.label(), metric,
+                     by_scorer.get("als", {}).get(metric, float("nan")), best, by_scorer[best][metric], done, total,
                      elapsed, elapsed / done * (total - done))
         train.unpersist()
-    for result in sorted(results, key=lambda r: -r.mean(metric)):
-        log.info("CV mean %s@k=%.4f (sd %.4f) for %s", metric, result.mean(metric),
-                 float(np.std([m[metric] for m in result.fold_metrics])), result.params.label())
+        test.unpersist()
     return results
 
 
-def select_best(results: list[CandidateResult], metric: str) -> AlsParams:
-    best = max(results, key=lambda r: (r.mean(metric), -r.params.rank))
-    return best.params
+def _finite(value) -> float:
+    value = float(value)
+    return value if np.isfinite(value) else -np.inf
 
 
 def counts_as_ratings(counts: np.ndarray, params: AlsParams) -> np.ndarray:

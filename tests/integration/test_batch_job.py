@@ -92,3 +92,24 @@ def test_explicit_mode_reports_rmse_like_the_old_job(spark, cfg, tmp_path, sampl
     assert set(result.metrics["rmse"]) == {"train", "test"}
     assert 0 < result.metrics["rmse"]["train"] < result.metrics["rmse"]["test"] + 1.0
     assert np.isfinite(result.metrics["exclude_purchased"]["model"]["map"])
+
+
+def test_fold_in_final_fits_once_and_serves_what_the_stream_would(spark, cfg, tmp_path, sample, caplog):
+    """batch.final_fit=fold_in skips the second ALS fit; the written lists are then exactly the
+    fold-in + top-k the streaming job computes from the same counts. --no-publish still succeeds."""
+    from models.scorers import recommend_from_counts
+
+    caplog.set_level(logging.INFO)
+    job_cfg = _job_cfg(cfg, tmp_path, sample, **{"batch.cv_folds": 0, "batch.final_fit": "fold_in",
+                                                  "batch.publish.enabled": False})
+    result = run(job_cfg, spark=spark)      # no PublishRefused: publishing was switched off
+    assert not result.published and "publishing disabled" in result.gate_reason
+    assert caplog.text.count(" fitted in ") == 1
+    store = ModelStore.from_config(job_cfg)
+    assert store.current_version() is None
+    artifact = store.load(result.version)
+    assert artifact.model_type == "als" and artifact.params["count_mode"] == "rows"
+    items, _, _ = recommend_from_counts(artifact, *artifact.user_items, 10, True)
+    written = pd.read_parquet(tmp_path / "out" / "versions" / result.version / "recommendations.parquet")
+    expected = [list(artifact.item_ids[row[row >= 0]]) for row in items]
+    assert [list(r) for r in written["recommendations"]] == expected
