@@ -20,6 +20,7 @@ from models.scorers import MODEL_TYPES, recommend_from_counts
 log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("als", "blend", "popularity", "item_knn")
 DEFAULT_BLEND_WEIGHTS = (0.25, 0.5, 0.75)
+PARAMETER_FREE = ("popularity", "item_knn")     # scorers that do not use the ALS fit
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def select_model(results, candidates: list[Candidate], metric: str, min_lift: fl
     rows = [{"params": result.params, "candidate": candidate, "mean": result.mean(metric, candidate.name),
              "sd": result.sd(metric, candidate.name), "order": (p_no, c_no)}
             for p_no, result in enumerate(results) for c_no, candidate in enumerate(candidates)
-            if candidate.name in result.scorers()]
+            if candidate.name in result.scorers()
+            and (p_no == 0 or candidate.model_type not in PARAMETER_FREE)]   # the same under every ALS fit
     if not rows:
         raise ValueError("cross-validation produced no metrics: no candidate was scored")
     rows.sort(key=lambda row: (-_finite(sign * row["mean"]), row["order"]))

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
-                                       scoring_artifact, select_model, without_unaffordable_knn)
+                                       scoring_artifact, select_model, without_unaffordable_knn,
+                                       PARAMETER_FREE)
 from batch_training.data import aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
@@ -153,6 +154,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     holdout_factors = fit_als(train, chosen, n_users, n_items)
     metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, scorers, selected,
                                 max_knn_items=int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
+    if chosen != base and metric not in LOWER_IS_BETTER:
+        _add_plain_als(metrics, fit_als(train, base, n_users, n_items), train, test, n_users, n_items, k)
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
@@ -244,7 +247,7 @@ def _scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate
 def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int, scorers: list[Candidate]):
     """Each scorer's metrics on a fold. Popularity and item-kNN do not depend on the ALS parameters,
     so they are computed once per fold."""
-    independent = [c for c in scorers if c.model_type in ("popularity", "item_knn")]
+    independent = [c for c in scorers if c.model_type in PARAMETER_FREE]
     per_fold: dict[int, dict] = {}
 
     def score(fold_no: int, factors: Factors, train, test) -> dict[str, dict]:
@@ -262,10 +265,12 @@ def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int,
 def _log_cv(rows: list[dict], metric: str, k: int, folds: int) -> list[dict]:
     """Log the cross-validation ranking (best first) and return it for the report."""
     lines = [f"{'model':<22} {'ALS parameters':<44} {f'mean {metric}@{k}':>12} {'sd':>8}"]
-    lines += [f"{row['candidate'].name:<22} {row['params'].label():<44} {row['mean']:>12.4f} {row['sd']:>8.4f}"
-              for row in rows]
+    lines += [f"{row['candidate'].name:<22} "
+              f"{'(no ALS)' if row['candidate'].model_type in PARAMETER_FREE else row['params'].label():<44} "
+              f"{row['mean']:>12.4f} {row['sd']:>8.4f}" for row in rows]
     log.info("%d-fold cross-validation, best first:\n%s", folds, "\n".join(lines))
-    return [{"model": row["candidate"].name, "params": row["params"].as_dict(), f"mean_{metric}": row["mean"],
+    return [{"model": row["candidate"].name, f"mean_{metric}": row["mean"],
+             "params": None if row["candidate"].model_type in PARAMETER_FREE else row["params"].as_dict(),
              f"sd_{metric}": row["sd"]} for row in rows]
 
 
@@ -330,6 +335,17 @@ def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int,
         report["rmse"] = {"train": _rmse(factors, train), "test": _rmse(factors, test)}
         log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
     return report
+
+
+def _add_plain_als(metrics: dict, plain: Factors, train, test, n_users: int, n_items: int, k: int) -> None:
+    """ALS at the configured parameters (``batch.als``, no CV) beside the selected model, so the
+    report shows what cross-validation bought; row ``plain_als`` of both holdout tables."""
+    for exclude, key in ((True, "exclude_purchased"), (False, "include_purchased")):
+        metrics[key]["plain_als"] = _candidate_table(plain, train, test, n_users, n_items, k, exclude,
+                                                     [Candidate("als")])["als"]
+    table = {name: metrics["exclude_purchased"][name] for name in ("model", "plain_als", "popularity")}
+    log.info("selected model against ALS at the configured parameters (%s), purchased items excluded:\n%s",
+             plain.params.label(), format_metrics_table(table))
 
 
 def _evaluate_buy_again(factors: Factors, train, test, n_users: int, n_items: int, k: int,

@@ -8,6 +8,8 @@ workers) from /proc every 0.2 s and keeps the peak per stage. Stages are taken f
 Parts (``--parts``, default: all, in this order):
 
 * ``ours``       the job without CV (``python -m batch_training --no-cv``): raw file to published model.
+* ``final``      the job without CV with ``batch.final_fit=fold_in`` (one ALS fit), and the
+                 quality of both final models (refit vs fold-in) one step back in time.
 * ``topk``       one implicit ALS fit, then Spark's ``recommendForAllUsers`` vs our top-k (driver
                  numpy and the mapInPandas engine) on the same factors, and the scoring core
                  (fold-in + top-10 for 1,000 customers) used by the streaming job.
@@ -17,7 +19,9 @@ Parts (``--parts``, default: all, in this order):
                  values, final fit, ``recommendForAllUsers``, CSV write.
 * ``quality``    holdout quality of the original approach (explicit ALS at the regParam its CV
                  chose) on the job's per-customer split; ours and popularity come from ``ours``.
-* ``datasets``   the quality tables on Online Retail and Groceries (needs ``--datasets-dir``).
+* ``datasets``   Online Retail and Groceries, random and time splits (needs ``--datasets-dir``): our
+                 job at its defaults (CV over the ALS grid and the scorers) and the original approach;
+                 the published model beside popularity, item-kNN and ALS.
 * ``grid``       our job at its default grid (5-fold CV over reg_param x alpha).
 
 Usage: ``python bench/batch_bench.py --factor 1 [--datasets-dir DIR] [--parts ours,topk]``.
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("ours", "topk", "blas", "original", "quality", "datasets", "grid")
+PARTS = ("ours", "final", "topk", "blas", "original", "quality", "datasets", "grid")
 JOB_STAGE = re.compile(r" batch_training: == (.+)$")
 BENCH_STAGE = re.compile(r"^BENCH-STAGE (.+)$")
 BENCH_RESULT = "BENCH-RESULT "
@@ -298,6 +302,58 @@ def worker_topk(data_path: str, customers: int) -> None:
     spark.stop()
 
 
+def worker_final(data_path: str) -> None:
+    """The final model's quality: a second ALS fit on all data (``batch.final_fit: refit``) against
+    folding every customer into the holdout fit (``fold_in``). Run one step back in time so both
+    are judged on purchases neither saw: the job's time holdout is the unseen test; inside its
+    train part, the newest 20 % of each customer's pairs play the role of the job's holdout."""
+    import numpy as np
+
+    from batch_training.data import aggregate, index_ids
+    from batch_training.datasets import load_events
+    from batch_training.evaluation import evaluation_users, holdout_split, relevant_sets
+    from batch_training.job import _folded_final, _indexed_events, als_params_from_config
+    from batch_training.metrics import ranking_metrics
+    from batch_training.train import PairArrays, fit_als, recommend_users
+
+    _stage("session")
+    cfg, spark = _session()
+    _stage("read, aggregate, index, split")
+    data = {**cfg.get_path("data"), "path": data_path}
+    events, _ = load_events(spark, data)
+    events = events.cache()
+    indexed, maps = index_ids(aggregate(events, str(data.get("count_mode", "rows"))))
+    n_users, n_items = maps.n_users, maps.n_items
+    train, test = holdout_split(_indexed_events(events, maps), method="time", test_fraction=0.2, seed=42)
+    train, test = train.cache(), test.cache()
+    older, _ = holdout_split(train, method="time", test_fraction=0.2, seed=43)
+    older = older.cache()
+    params = als_params_from_config(cfg)
+    k = int(cfg.get_path("batch.k", 10))
+    train_pairs = PairArrays.collect(train, n_users)
+    users = evaluation_users(test, True)
+    relevant = relevant_sets(test, users, True)
+
+    def quality(factors) -> dict[str, float]:
+        recs, _ = recommend_users(factors, users, k, train_pairs)
+        metrics = ranking_metrics(recs, relevant.indptr, relevant.indices, k)
+        known = np.flatnonzero(np.abs(factors.item_factors).sum(axis=1) > 0).size
+        return {**{m: float(metrics[m]) for m in ("precision", "recall", "map", "ndcg")},
+                "coverage": float(np.unique(recs[recs >= 0]).size / n_items), "items_with_factors": int(known)}
+
+    out: dict[str, Any] = {"n_users": n_users, "n_items": n_items, "test_users": int(users.size), "k": k,
+                           "params": params.as_dict()}
+    _stage("refit: ALS on the whole train part")
+    seconds, refit = _timed(lambda: fit_als(train, params, n_users, n_items))
+    out["refit"] = {"seconds": seconds, **quality(refit)}
+    _stage("fold_in: ALS on the older part, every customer folded in")
+    fit_seconds, older_fit = _timed(lambda: fit_als(older, params, n_users, n_items))
+    fold_seconds, folded = _timed(lambda: _folded_final(older_fit, train_pairs))
+    out["fold_in"] = {"seconds": fold_seconds, "older_fit_seconds": fit_seconds, **quality(folded)}
+    _emit(out)
+    spark.stop()
+
+
 def _agreement(spark_rows, best, k: int) -> dict[str, float]:
     """Share of customers whose top-k set equals Spark's, and the mean overlap (ties may reorder)."""
     same, overlap = 0, 0.0
@@ -510,6 +566,10 @@ def orchestrate(opts: argparse.Namespace, save: Callable[[dict[str, Any]], None]
 
     if "ours" in parts:
         record("ours", _job(["--no-cv", "--input", str(data)]), scratch_dir("ours"))
+    if "final" in parts:
+        record("ours_fold_in", _job(["--no-cv", "--input", str(data), "--set", "batch.final_fit=fold_in"]),
+               scratch_dir("ours_fold_in"))
+        record("final", _worker("final", str(data)), scratch_dir("final"))
     if "topk" in parts:
         record("topk", _worker("topk", str(data), str(opts.customers)), scratch_dir("topk"))
     if "blas" in parts:
@@ -528,13 +588,16 @@ def orchestrate(opts: argparse.Namespace, save: Callable[[dict[str, Any]], None]
         record("grid", _job(["--input", str(data)]), scratch_dir("grid"))
     if "datasets" in parts and opts.datasets_dir:
         for dataset in opts.dataset_names.split(","):
-            common = ["--dataset", dataset, "--datasets-dir", opts.datasets_dir, "--no-publish"]
-            record(f"{dataset}_ours", _job([*common, "--no-cv"]), scratch_dir(f"{dataset}_ours"))
-            record(f"{dataset}_original",
-                   _job([*common, "--mode", "explicit",
-                         "--set", f"batch.grid={{reg_param: {list(ORIGINAL_REG_PARAMS)}}}",
-                         "--set", f"batch.cv_folds={ORIGINAL_FOLDS}"]),
-                   scratch_dir(f"{dataset}_original"))
+            for split in ("random", "time"):
+                name = f"{dataset}_{split}"
+                common = ["--dataset", dataset, "--datasets-dir", opts.datasets_dir, "--no-publish",
+                          "--set", f"batch.holdout.method={split}"]
+                record(f"{name}_ours", _job(common), scratch_dir(f"{name}_ours"))
+                record(f"{name}_original",
+                       _job([*common, "--mode", "explicit",
+                             "--set", f"batch.grid={{reg_param: {list(ORIGINAL_REG_PARAMS)}}}",
+                             "--set", f"batch.cv_folds={ORIGINAL_FOLDS}"]),
+                       scratch_dir(f"{name}_original"))
     results["load_end"] = load_average()
     results["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     return results
@@ -586,6 +649,7 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"### Batch, factor {results['factor']:g} ({results['started_utc']} to {results['finished_utc']} UTC)", "",
              f"Load average (1/5/15 min) at start {results['load_start']}, at end {results['load_end']}.", ""]
     for name, title in (("ours", "Our job, no CV (raw file to published model)"),
+                        ("ours_fold_in", "Our job, no CV, final model by fold-in (one ALS fit)"),
                         ("original", "Original approach (explicit ALS, 5-fold CV x 2 regParam, recommendForAllUsers)"),
                         ("grid", "Our job at its default grid (5-fold CV)")):
         if name in parts:
@@ -595,6 +659,17 @@ def report(results: dict[str, Any]) -> str:
             if name == "original" and part["result"]:
                 lines += [f"CV mean RMSE per regParam: {part['result']['cv_rmse']}, chosen "
                           f"{part['result']['chosen_reg_param']}.", ""]
+    if "final" in parts and parts["final"]["result"]:
+        r = parts["final"]["result"]
+        rows = [[name, _f(r[name]["seconds"]), *(f"{r[name][m]:.4f}" for m in ("precision", "recall", "map", "ndcg",
+                                                                                 "coverage")),
+                 f"{r[name]['items_with_factors']:,}"] for name in ("refit", "fold_in")]
+        lines += ["#### Final model: refit vs fold-in, judged on purchases neither saw", "",
+                  f"{r['test_users']:,} customers with held-out new products; {r['n_items']:,} products; "
+                  f"fold-in's ALS fit on the older part took {_f(r['fold_in']['older_fit_seconds'])} s.", "",
+                  *_table(["final model", "seconds", "precision@10", "recall@10", "MAP@10", "nDCG@10", "coverage",
+                           "products with factors"], rows),
+                  f"fold-in / refit MAP@10: {r['fold_in']['map'] / r['refit']['map']:.3f}.", ""]
     if "topk" in parts and parts["topk"]["result"]:
         r = parts["topk"]["result"]
         spark_s, ours_s = r["spark_recommend_noop_seconds"], r["ours_driver_seconds"]
@@ -647,7 +722,27 @@ def report(results: dict[str, Any]) -> str:
         pop_map = _metrics(parts[ours_key], "exclude_purchased", "popularity")
         if ours_map and pop_map and pop_map.get("map"):
             lines += [f"MAP@10 ours / popularity: {ours_map['map'] / pop_map['map']:.1f}x.", ""]
+    selection = [(key[:-len("_ours")], parts[key]) for key in parts
+                 if key.endswith("_ours") and key not in ("ours",) and (parts[key].get("summary") or {}).get("metrics")]
+    if selection:
+        lines += ["#### The published model against popularity, item-kNN and ALS (nDCG@10 / MAP@10, "
+                  "purchased products excluded)", "",
+                  *_table(["data, split", "published", "published", "popularity", "item-kNN",
+                           "ALS (CV's parameters)", "ALS (configured parameters)"],
+                          [_selection_row(name, part) for name, part in selection])]
     return "\n".join(lines)
+
+
+def _selection_row(name: str, part: dict[str, Any]) -> list[str]:
+    metrics = part["summary"]["metrics"]
+    table = metrics["exclude_purchased"]
+
+    def pair(row: str) -> str:
+        values = table.get(row)
+        return f"{values['ndcg']:.4f} / {values['map']:.4f}" if values else "-"
+    selected = metrics.get("selection", {}).get("selected", "?")
+    return [name.replace("_", " "), selected, pair("model"), pair("popularity"), pair("item_knn"), pair("als"),
+            pair("plain_als") if "plain_als" in table else pair("als") + " (same)"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
             worker_blas(rest[0], rest[1] == "java")
         elif name == "topk":
             worker_topk(rest[0], int(rest[1]))
+        elif name == "final":
+            worker_final(rest[0])
         elif name == "core":
             worker_core(int(rest[0]), int(rest[1]), int(rest[2]))
         elif name == "original":

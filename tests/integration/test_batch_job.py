@@ -50,6 +50,9 @@ def test_the_job_logs_like_the_original_and_publishes_a_usable_model(spark, cfg,
     assert excluded["model"]["map"] > excluded["popularity"]["map"]
     assert {"precision", "recall", "map", "ndcg", "coverage", "novelty", "diversity"} <= set(excluded["model"])
     assert "include_purchased" in result.metrics
+    # When CV moved away from the configured parameters, ALS at those is reported beside the model.
+    from batch_training.job import als_params_from_config
+    assert ("plain_als" in excluded) == (result.params != als_params_from_config(job_cfg))
 
     recs = pd.read_parquet(tmp_path / "out" / "recommendations.parquet")
     assert len(recs) == artifact.n_users == result.recommendations_written
