@@ -3,13 +3,17 @@ state data source (works on a stopped job's checkpoint, or a copy of a running o
 
     python -m streaming.inspect_state                 # purchases held, customers, TTL horizon
     python -m streaming.inspect_state --customer C1   # one customer's purchases since the cutoff
+
+The state is one value per customer (the ``purchases`` arrays of streaming/state.py); it is shown
+one row per purchase. A purchase past its expiry may still be stored until the customer is next
+seen (it is dropped then, never counted) or the customer's whole value expires.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-STATE_VARIABLE = "purchases"
+from streaming.state import STATE_VARIABLE
 
 
 def _ensure_state_coordinator(spark) -> None:
@@ -22,9 +26,11 @@ def _ensure_state_coordinator(spark) -> None:
         query.stop()
 
 
-def read_purchase_state(spark, scoring_checkpoint: str):
-    """The purchases held in the state: customer_id, event_id, product_id, quantity,
-    event_time_ms, ttl_expiration_ms (one row per purchase)."""
+def read_purchase_state(spark, scoring_checkpoint: str, ttl_ms: int | None = None):
+    """The purchases held in the state, one row per purchase: customer_id, event_id, product_id,
+    quantity, event_time_ms, arrived_ms (processing time it entered the state), expires_ms (when
+    it leaves: ``arrived_ms + ttl_ms``, or the customer's whole value expiring if that is
+    earlier; without ``ttl_ms`` the latter)."""
     from pyspark.sql import functions as F
 
     from streaming.job import ROCKSDB_PROVIDER
@@ -32,12 +38,16 @@ def read_purchase_state(spark, scoring_checkpoint: str):
     spark.conf.set("spark.sql.streaming.stateStore.providerClass", ROCKSDB_PROVIDER)
     _ensure_state_coordinator(spark)
     state = spark.read.format("statestore").option("stateVarName", STATE_VARIABLE).load(scoring_checkpoint)
-    return state.select(F.col("key.customer_id").alias("customer_id"),
-                        F.col("user_map_key.event_id").alias("event_id"),
-                        F.col("user_map_value.value.product_id").alias("product_id"),
-                        F.col("user_map_value.value.quantity").alias("quantity"),
-                        F.col("user_map_value.value.event_time_ms").alias("event_time_ms"),
-                        F.col("user_map_value.ttlExpirationMs").alias("ttl_expiration_ms"))
+    value = F.col("value.value")
+    purchases = state.select(
+        F.col("key.customer_id").alias("customer_id"), F.col("value.ttlExpirationMs").alias("value_expires_ms"),
+        F.explode(F.arrays_zip(value["event_ids"].alias("event_id"), value["product_ids"].alias("product_id"),
+                               value["quantities"].alias("quantity"), value["event_times_ms"].alias("event_time_ms"),
+                               value["arrived_ms"].alias("arrived_ms"))).alias("p"))
+    expires = F.col("value_expires_ms") if ttl_ms is None else \
+        F.least(F.col("p.arrived_ms") + F.lit(int(ttl_ms)), F.col("value_expires_ms"))
+    return purchases.select("customer_id", "p.event_id", "p.product_id", "p.quantity", "p.event_time_ms",
+                            "p.arrived_ms", expires.alias("expires_ms"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,16 +66,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging("WARNING")
     cfg = load_config(files=args.config or None)
-    checkpoint = f"{StreamingSettings.from_config(cfg).checkpoint_dir.rstrip('/')}/scoring"
+    settings = StreamingSettings.from_config(cfg)
+    checkpoint = f"{settings.checkpoint_dir.rstrip('/')}/scoring"
     spark = build_spark(cfg, "reco-streaming-inspect", need_kafka=False)
     try:
-        state = read_purchase_state(spark, checkpoint)
+        state = read_purchase_state(spark, checkpoint, settings.state_ttl_ms)
         if args.customer:
             state.where(F.col("customer_id") == args.customer).orderBy("event_time_ms").show(1000, truncate=False)
         else:
             state.agg(F.countDistinct("customer_id").alias("customers"), F.count(F.lit(1)).alias("purchases"),
                       F.timestamp_millis(F.max("event_time_ms")).alias("newest_purchase"),
-                      F.timestamp_millis(F.min("ttl_expiration_ms")).alias("next_expiry")).show(truncate=False)
+                      F.timestamp_millis(F.min("expires_ms")).alias("next_expiry")).show(truncate=False)
     finally:
         spark.stop()
     return 0

@@ -4,7 +4,7 @@
    original key and value bytes untouched; the reason and the source topic, partition, offset
    and timestamp travel as Kafka headers (docs/schemas.md).
 2. ``reco-scoring``: validate -> valid rows -> per-customer purchase state
-   (``transformWithStateInPandas``, RocksDB state store, streaming/state.py) -> ``foreachBatch``
+   (``transformWithState``, RocksDB state store, streaming/state.py) -> ``foreachBatch``
    on the driver: refresh the customers with new purchases against the current model
    (streaming/refresh.py) and write their records with the one writer of both jobs
    (models.records.RecordWriter: the recommendations topic and the newest-wins DynamoDB table).
@@ -127,7 +127,7 @@ def purchase_state_stream(validated, settings: StreamingSettings, cfg: Config):
              .select(*INPUT_COLUMNS))
     processor = PurchaseStateProcessor(settings.state_ttl_ms,
                                        CutoffSource(dict(cfg), settings.model_poll_interval_ms))
-    return valid.groupBy("customer_id").transformWithStateInPandas(
+    return valid.groupBy("customer_id").transformWithState(
         statefulProcessor=processor, outputStructType=OUTPUT_SCHEMA, outputMode="Update",
         timeMode="ProcessingTime")
 

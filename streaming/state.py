@@ -1,14 +1,20 @@
 """Per-customer purchase state: the purchases since the current model's data cutoff.
 
-The state lives in Spark's state store (``transformWithStateInPandas``, RocksDB provider,
-checkpointed with the query), one MapState per customer keyed by ``event_id``:
+The state lives in Spark's state store (``transformWithState``, Row-based, RocksDB provider,
+checkpointed with the query): one ValueState per customer, ``purchases``, a single row of
+parallel arrays (``STATE_SCHEMA``: event ids, product ids, quantities, event times and the
+processing time each purchase arrived). Read and written whole, once each per customer and
+micro-batch: two state-server round trips per customer instead of one per purchase, and no pandas
+frame per customer.
 
-- keyed by event id, a replayed event (same ``event_id``) finds itself already there and is not
-  counted twice, including after a crash and restart from the checkpoint;
-- each purchase keeps its event time, so when a new model is published the purchases at or
-  before its cutoff (already in the model's training data) are dropped;
-- each entry expires ``state_ttl`` after it was written (the state API's TTL), which bounds the
-  state of customers who stop buying.
+- Keyed by event id inside the arrays, a replayed event (same ``event_id``) finds itself already
+  there and is not counted twice, including after a crash and restart from the checkpoint.
+- Each purchase keeps its event time, so when a new model is published the purchases at or
+  before its cutoff (already in the model's training data) are dropped.
+- Each purchase expires ``state_ttl`` after it arrived: the expired ones are dropped whenever the
+  customer is next seen (``expire``), and the whole value carries the state API's TTL of
+  ``state_ttl`` from its last update, so the state of a customer who stops buying goes away
+  without being read (every purchase in it arrived by that update).
 
 For every customer with input in a micro-batch the processor emits one row: all the purchases
 held (since the cutoff), how many of the input rows were new, duplicates or older than the
@@ -22,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pandas as pd
 
@@ -31,8 +37,11 @@ log = logging.getLogger(__name__)
 # The columns the processor receives (the valid events; see streaming.job).
 INPUT_COLUMNS = ("customer_id", "event_id", "product_id", "quantity", "event_time_ms", "kafka_ts_ms",
                  "source_partition", "source_offset")
-STATE_KEY_SCHEMA = "event_id string"
-STATE_VALUE_SCHEMA = "product_id string, quantity int, event_time_ms long"
+STATE_VARIABLE = "purchases"
+STATE_SCHEMA = ("event_ids array<string>, product_ids array<string>, quantities array<int>, "
+                "event_times_ms array<bigint>, arrived_ms array<bigint>")
+OUTPUT_COLUMNS = ("customer_id", "product_ids", "quantities", "event_times_ms", "new_events", "duplicate_events",
+                  "before_cutoff_events", "new_kafka_ts_ms", "source_offsets", "cutoff_ms")
 OUTPUT_SCHEMA = ("customer_id string, product_ids array<string>, quantities array<int>, "
                  "event_times_ms array<long>, new_events int, duplicate_events int, before_cutoff_events int, "
                  "new_kafka_ts_ms array<long>, source_offsets map<string,long>, cutoff_ms long")
@@ -51,23 +60,22 @@ class Merge:
     source_offsets: dict[str, int] = field(default_factory=dict)
 
 
-def merge_purchases(held: dict[str, tuple[str, int, int]], batch: pd.DataFrame,
+def merge_purchases(held: dict[str, tuple[str, int, int]], batch: pd.DataFrame | Iterable,
                     cutoff_ms: int | None) -> Merge:
     """Fold a customer's new input rows into the purchases held for them.
 
     Rows whose ``event_id`` is held already, or appears earlier in the batch (by offset), are
     duplicates; rows at or before ``cutoff_ms`` are in the model already and are not kept, and
-    held purchases now at or before it are removed. Pure (no Spark), for the unit tests. Plain
-    Python over the rows: a customer has a handful per batch, where pandas' per-call overhead
-    would dominate the state stage.
+    held purchases now at or before it are removed. ``batch`` is a frame or an iterable of rows
+    (``pyspark.sql.Row`` or anything with the ``INPUT_COLUMNS`` as attributes). Pure (no Spark),
+    for the unit tests. Plain Python over the rows: a customer has a handful per batch, where
+    pandas' per-call overhead would dominate the state stage.
     """
     floor = -math.inf if cutoff_ms is None else cutoff_ms
     kept = {eid: value for eid, value in held.items() if value[2] > floor}
     merge = Merge(held=kept, removed=[eid for eid in held if eid not in kept])
-    columns = [batch[name].tolist() for name in ("source_partition", "source_offset", "event_id", "product_id",
-                                                  "quantity", "event_time_ms", "kafka_ts_ms")]
     seen = set(held)
-    for partition, offset, event_id, product_id, quantity, event_time_ms, kafka_ts_ms in sorted(zip(*columns)):
+    for partition, offset, event_id, product_id, quantity, event_time_ms, kafka_ts_ms in _input_tuples(batch):
         if event_id in seen:
             merge.duplicates += 1
             continue
@@ -82,21 +90,61 @@ def merge_purchases(held: dict[str, tuple[str, int, int]], batch: pd.DataFrame,
     return merge
 
 
-def output_row(customer_id: str, merge: Merge, cutoff_ms: int | None) -> pd.DataFrame:
-    """The processor's one output row for a customer (columns of ``OUTPUT_SCHEMA``)."""
+_MERGE_ORDER = ("source_partition", "source_offset", "event_id", "product_id", "quantity", "event_time_ms",
+                "kafka_ts_ms")
+
+
+def _input_tuples(batch) -> list[tuple]:
+    """The input rows as (partition, offset, event_id, product_id, quantity, event_time_ms,
+    kafka_ts_ms), in offset order (so the first of two copies in a batch is the one kept)."""
+    if isinstance(batch, pd.DataFrame):
+        return sorted(zip(*(batch[name].tolist() for name in _MERGE_ORDER)))
+    return sorted(tuple(getattr(row, name) for name in _MERGE_ORDER) for row in batch)
+
+
+_OutputRow = None
+
+
+def output_row(customer_id: str, merge: Merge, cutoff_ms: int | None):
+    """The processor's one output row for a customer (a ``Row`` with the ``OUTPUT_SCHEMA``
+    columns in order; purchases oldest first)."""
+    global _OutputRow
+    if _OutputRow is None:
+        from pyspark.sql import Row
+
+        _OutputRow = Row(*OUTPUT_COLUMNS)
     purchases = sorted(merge.held.values(), key=lambda p: p[2])
-    return pd.DataFrame({
-        "customer_id": [customer_id],
-        "product_ids": [[p[0] for p in purchases]],
-        "quantities": [[p[1] for p in purchases]],
-        "event_times_ms": [[p[2] for p in purchases]],
-        "new_events": [len(merge.added)],
-        "duplicate_events": [merge.duplicates],
-        "before_cutoff_events": [merge.before_cutoff],
-        "new_kafka_ts_ms": [merge.new_kafka_ts_ms],
-        "source_offsets": [merge.source_offsets],
-        "cutoff_ms": [cutoff_ms],
-    })
+    return _OutputRow(customer_id, [p[0] for p in purchases], [p[1] for p in purchases],
+                                [p[2] for p in purchases], len(merge.added), merge.duplicates,
+                                merge.before_cutoff, merge.new_kafka_ts_ms, merge.source_offsets, cutoff_ms)
+
+
+def held_from_state(value) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
+    """A state value (the arrays of ``STATE_SCHEMA``, or None) -> (held purchases: event_id ->
+    (product_id, quantity, event_time_ms), their arrival times: event_id -> processing-time ms)."""
+    if value is None:
+        return {}, {}
+    event_ids, product_ids, quantities, times, arrived = value
+    held = {e: (p, int(q), int(t)) for e, p, q, t in zip(event_ids, product_ids, quantities, times)}
+    return held, {e: int(a) for e, a in zip(event_ids, arrived)}
+
+
+def state_value(held: dict[str, tuple[str, int, int]], arrived: dict[str, int]) -> tuple[list, ...]:
+    """(held purchases, arrival times) -> the state value (``STATE_SCHEMA``), oldest event first."""
+    order = sorted(held, key=lambda e: held[e][2])
+    return (order, [held[e][0] for e in order], [held[e][1] for e in order], [held[e][2] for e in order],
+            [arrived[e] for e in order])
+
+
+def expire(held: dict[str, tuple[str, int, int]], arrived: dict[str, int], now_ms: int,
+           ttl_ms: int) -> list[str]:
+    """Remove (in place) the purchases that arrived ``ttl_ms`` or more before ``now_ms``; returns
+    their event ids."""
+    gone = [event_id for event_id, at in arrived.items() if at + ttl_ms <= now_ms]
+    for event_id in gone:
+        held.pop(event_id, None)
+        del arrived[event_id]
+    return gone
 
 
 def iso_to_ms(text: str | None) -> int | None:
@@ -151,25 +199,29 @@ def _processor_base():
 
 
 class PurchaseStateProcessor(_processor_base()):
-    """The StatefulProcessor of the scoring query (one instance per partition and batch)."""
+    """The StatefulProcessor of the scoring query (Row-based ``transformWithState``; one instance
+    per partition and batch)."""
 
     def __init__(self, ttl_ms: int, cutoff_source: CutoffSource):
         self.ttl_ms = ttl_ms
         self.cutoff_source = cutoff_source
 
     def init(self, handle) -> None:
-        self.purchases = handle.getMapState("purchases", STATE_KEY_SCHEMA, STATE_VALUE_SCHEMA, self.ttl_ms)
+        self.purchases = handle.getValueState(STATE_VARIABLE, STATE_SCHEMA, self.ttl_ms)
 
-    def handleInputRows(self, key, rows, timerValues) -> Iterator[pd.DataFrame]:
-        frames = list(rows)
-        batch = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    def handleInputRows(self, key, rows, timerValues) -> Iterator:
+        now_ms = timerValues.getCurrentProcessingTimeInMs()    # the batch's time: the same on a replay
+        stored = self.purchases.get()
+        held, arrived = held_from_state(stored)
+        expire(held, arrived, now_ms, self.ttl_ms)
         cutoff_ms = self.cutoff_source.cutoff_ms()
-        held = {k[0]: tuple(v) for k, v in self.purchases.iterator()}
-        merge = merge_purchases(held, batch, cutoff_ms)
-        for event_id in merge.removed:
-            self.purchases.removeKey((event_id,))
-        for event_id, value in merge.added.items():
-            self.purchases.updateValue((event_id,), value)
+        merge = merge_purchases(held, rows, cutoff_ms)
+        for event_id in merge.added:
+            arrived[event_id] = now_ms
+        if merge.held:
+            self.purchases.update(state_value(merge.held, arrived))
+        elif stored is not None:
+            self.purchases.clear()
         yield output_row(str(key[0]), merge, cutoff_ms)
 
     def close(self) -> None:

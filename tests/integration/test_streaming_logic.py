@@ -15,7 +15,8 @@ from models.recency import decay_weights
 from models.store import ModelStore
 from streaming.refresh import purchase_counts, records_for, score_customers
 from streaming.serving import ModelHolder, ModelNotServable, ServingModel
-from streaming.state import OUTPUT_SCHEMA, iso_to_ms, merge_purchases, output_row
+from streaming.state import (OUTPUT_SCHEMA, expire, held_from_state, iso_to_ms, merge_purchases, output_row,
+                             state_value)
 
 CUTOFF = "2025-01-01T00:00:00.000Z"
 CUTOFF_MS = iso_to_ms(CUTOFF)
@@ -57,12 +58,51 @@ def test_without_a_model_everything_is_kept():
 
 def test_the_output_row_has_the_declared_columns_in_order():
     merge = merge_purchases({}, rows(("e2", "P2", 1, 20, "tx-0", 1), ("e1", "P1", 2, 10, "tx-0", 2)), None)
-    frame = output_row("C1", merge, None)
+    row = output_row("C1", merge, None)
     declared = [part.strip().split(" ")[0] for part in OUTPUT_SCHEMA.split(", ") if " " in part.strip()]
     declared = [name for name in declared if not name.startswith(("long>", "string>"))]
-    assert list(frame.columns) == declared
-    assert list(frame.loc[0, "product_ids"]) == ["P1", "P2"]      # oldest first
-    assert frame.loc[0, "new_events"] == 2
+    assert list(row.asDict()) == declared
+    assert list(row.product_ids) == ["P1", "P2"]      # oldest first
+    assert row.new_events == 2
+
+
+def test_spark_rows_merge_like_a_frame():
+    """The processor gets Rows, the tests mostly frames: the same merge either way."""
+    from pyspark.sql import Row
+
+    frame = rows(("e2", "P2", 3, CUTOFF_MS + 20, "tx-0", 8), ("e1", "P1", 1, CUTOFF_MS + 10, "tx-0", 7),
+                 ("e2", "P2", 3, CUTOFF_MS + 20, "tx-1", 2), ("old", "P9", 1, CUTOFF_MS, "tx-0", 9))
+    as_rows = [Row(**record) for record in frame.to_dict("records")]
+    held = {"e1": ("P1", 1, CUTOFF_MS + 10)}
+    assert merge_purchases(dict(held), as_rows, CUTOFF_MS) == merge_purchases(dict(held), frame, CUTOFF_MS)
+
+
+# -- the stored state: one value of arrays per customer, per-purchase expiry ---------------------
+def test_the_state_value_round_trips_oldest_first():
+    held = {"b": ("P2", 3, 20), "a": ("P1", 1, 10), "c": ("P3", 2, 30)}
+    arrived = {"a": 100, "b": 200, "c": 300}
+    value = state_value(held, arrived)
+    assert value == (["a", "b", "c"], ["P1", "P2", "P3"], [1, 3, 2], [10, 20, 30], [100, 200, 300])
+    assert held_from_state(value) == (held, arrived)
+    assert held_from_state(None) == ({}, {})
+
+
+def test_purchases_expire_ttl_after_they_arrived():
+    held = {"a": ("P1", 1, 10), "b": ("P2", 1, 20), "c": ("P3", 1, 5)}
+    arrived = {"a": 1_000, "b": 2_000, "c": 2_500}
+    assert expire(held, arrived, now_ms=2_000, ttl_ms=1_000) == ["a"]      # arrived + ttl <= now: gone
+    assert held == {"b": ("P2", 1, 20), "c": ("P3", 1, 5)} and arrived == {"b": 2_000, "c": 2_500}
+    assert expire(held, arrived, now_ms=3_000, ttl_ms=1_000) == ["b"]      # by arrival, not event time
+    assert expire(held, arrived, now_ms=3_499, ttl_ms=1_000) == []
+    assert set(held) == {"c"}
+
+
+def test_an_expired_purchase_is_counted_again_when_replayed():
+    """Dedup lasts as long as the purchase is held: after its TTL a replay is a new purchase."""
+    held, arrived = held_from_state((["e1"], ["P1"], [1], [CUTOFF_MS + 10], [1_000]))
+    expire(held, arrived, now_ms=5_000, ttl_ms=3_000)
+    merge = merge_purchases(held, rows(("e1", "P1", 1, CUTOFF_MS + 10, "tx-0", 7)), CUTOFF_MS)
+    assert set(merge.added) == {"e1"} and merge.duplicates == 0
 
 
 # -- counts and scoring ------------------------------------------------------------------------
