@@ -10,7 +10,10 @@ with the current time. After ``--warmup`` seconds (query start-up, first batches
 Latency = when the customer's refreshed record was written (topic flushed and table updated)
 minus the event's Kafka timestamp (its produce time). Throughput = purchases the job folded into
 the state and scored per second over the measured window; the job keeps up when it drains within
-a couple of trigger intervals of the producer stopping.
+a couple of trigger intervals of the producer stopping. Also reported: customers refreshed per
+second, the median micro-batch and its split (state stage, scoring, writing) over the window, and
+the peak resident memory of this process and its children (the Spark JVM, the Python workers),
+sampled from /proc every 0.5 s over the whole run.
 
     python -m streaming.bench --rate 200 --duration 120 --warmup 45
 """
@@ -37,6 +40,49 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("streaming.bench")
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (Linux /proc; 0 where unreadable)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))      # fields[1]: the parent pid
+        rss[int(entry)] = int(fields[21]) * page                         # fields[21]: rss in pages
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += rss.get(current, 0)
+        todo.extend(children.get(current, []))
+    return total
+
+
+class MemorySampler(threading.Thread):
+    """The peak of ``tree_rss_bytes`` of this process, sampled every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(os.getpid()))
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(timeout=5)
+        return self.peak_bytes
 
 
 def bench_config(cfg, run_id: str):
@@ -102,6 +148,8 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
     from models.store import ModelStore
     from streaming.job import StreamingJob
 
+    memory = MemorySampler()
+    memory.start()
     artifact = ModelStore.from_config(cfg).load()
     run_id = uuid.uuid4().hex[:8]
     own = bench_config(cfg, run_id)
@@ -123,6 +171,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
     finally:
         job.stop()
         spark.stop()
+        peak_rss = memory.stop()
     reports = [r for r in job.metrics.reports if r.query == "reco-scoring"]
     in_window = [r for r in reports if _report_ms(r) and window_start_ms <= _report_ms(r) <= window_end_ms]
     window_s = (window_end_ms - window_start_ms) / 1000
@@ -136,12 +185,28 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         "batches_in_window": len(in_window),
         "mean_batch_ms": round(float(np.mean([r.duration_ms for r in in_window])), 1) if in_window else None,
         "mean_batch_rows": round(float(np.mean([r.input_rows for r in in_window])), 1) if in_window else None,
+        "customers_refreshed_per_s": round(sum(r.customers_refreshed for r in in_window) / window_s, 1)
+        if window_s > 0 else None,
+        "median_batch": _median_batch(in_window),
+        "peak_rss_mb": round(peak_rss / 2 ** 20),
+        "load_average": [round(x, 1) for x in os.getloadavg()],
         "model": {"version": artifact.version, "type": artifact.model_type, "items": artifact.n_items,
                   "customers": artifact.n_users, "rank": artifact.rank},
         "spark_master": str(own.get_path("spark.master")),
         "trigger_interval": str(own.get_path("streaming.trigger_interval")),
         "shuffle_partitions": int(own.get_path("spark.shuffle_partitions")),
     }
+
+
+def _median_batch(reports) -> dict | None:
+    """Median micro-batch duration and the medians of its split (ms), input rows, customers."""
+    if not reports:
+        return None
+    med = lambda values: round(float(np.median(values)))   # noqa: E731
+    return {"duration_ms": med([r.duration_ms for r in reports]), "state_ms": med([r.state_ms for r in reports]),
+            "score_ms": med([r.score_ms for r in reports]), "write_ms": med([r.write_ms for r in reports]),
+            "input_rows": med([r.input_rows for r in reports]),
+            "customers_refreshed": med([r.customers_refreshed for r in reports])}
 
 
 def _processed(job) -> int:
