@@ -16,6 +16,7 @@ the peak resident memory of this process and its children (the Spark JVM, the Py
 sampled from /proc every 0.5 s over the whole run.
 
     python -m streaming.bench --rate 200 --duration 120 --warmup 45
+    python -m streaming.bench --rate 1000 --no-table     # topic only: without the DynamoDB endpoint's limit
 """
 from __future__ import annotations
 
@@ -142,8 +143,9 @@ class Producer(threading.Thread):
 
 
 def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, seed: int,
-        drain_timeout_s: float = 300) -> dict:
+        drain_timeout_s: float = 300, to_table: bool = True) -> dict:
     from models.clients import ensure_table, ensure_topics
+    from models.records import RecordWriter
     from models.spark import build_spark
     from models.store import ModelStore
     from streaming.job import StreamingJob
@@ -156,7 +158,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
     ensure_topics(own)
     ensure_table(own)
     spark = build_spark(own, "reco-streaming-bench")
-    job = StreamingJob(own, spark).start()
+    job = StreamingJob(own, spark, writer=RecordWriter(own, to_table=to_table)).start()
     producer = Producer(own, artifact, rate, warmup_s + duration_s, new_share, seed)
     try:
         producer.start()
@@ -195,6 +197,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         "spark_master": str(own.get_path("spark.master")),
         "trigger_interval": str(own.get_path("streaming.trigger_interval")),
         "shuffle_partitions": int(own.get_path("spark.shuffle_partitions")),
+        "sinks": "topic and table" if to_table else "topic only",
     }
 
 
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=45, help="seconds sent before measuring (default 45)")
     parser.add_argument("--new-customers", type=float, default=0.05, help="share of brand-new customers")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-table", action="store_true",
+                        help="write the recommendations topic only (the job's own ceiling, without the "
+                             "DynamoDB endpoint's)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
 
@@ -240,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     cfg = load_config(files=args.config or None)
     try:
-        result = run(cfg, args.rate, args.duration, args.warmup, args.new_customers, args.seed)
+        result = run(cfg, args.rate, args.duration, args.warmup, args.new_customers, args.seed,
+                     to_table=not args.no_table)
     except ModelLoadError as err:
         log.error("%s", err)
         return 2

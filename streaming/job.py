@@ -49,6 +49,9 @@ HEADER_PARTITION = "dlq.source.partition"
 HEADER_OFFSET = "dlq.source.offset"
 HEADER_TIMESTAMP = "dlq.source.timestamp_ms"
 WRITE_ATTEMPTS = 5
+# Spark's state server logs a WARN for every get() of a ValueState that holds nothing, i.e. for
+# every customer seen for the first time (or again after their state expired).
+STATE_SERVER_LOGGER = "org.apache.spark.sql.execution.python.streaming.TransformWithStateInPySparkStateServer"
 
 
 def configure_session(spark) -> None:
@@ -58,6 +61,19 @@ def configure_session(spark) -> None:
     spark.conf.set("spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled", "true")
     # With processing-time TTL Spark would otherwise run an empty batch every trigger forever.
     spark.conf.set("spark.sql.streaming.noDataMicroBatches.enabled", "false")
+    _quiet_state_server(spark)
+
+
+def _quiet_state_server(spark) -> None:
+    """Silence the state server's per-new-customer WARN in this JVM (the driver; in local mode
+    also the executors). Executors elsewhere need it in their log4j2 configuration
+    (streaming/README.md)."""
+    try:
+        jvm = spark.sparkContext._jvm
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(
+            STATE_SERVER_LOGGER, jvm.org.apache.logging.log4j.Level.ERROR)
+    except Exception as err:  # noqa: BLE001 - only log noise is at stake
+        log.debug("cannot set the log level of %s: %s", STATE_SERVER_LOGGER, err)
 
 
 def kafka_source(spark, cfg: Config, settings: StreamingSettings):
