@@ -65,7 +65,7 @@ class ValidationRules:
 
 
 # The columns validate_values returns, in order (mirrored by streaming.job.VALIDATED_SCHEMA).
-VALIDATED_COLUMNS = ("event_id", "customer_id", "product_id", "quantity", "event_time_ms", "reason")
+VALIDATED_COLUMNS = ("event_id", "customer_id", "product_id", "quantity", "event_time_ms", "segment", "reason")
 
 # An ISO-8601 date, optionally followed by a time: the forms fromisoformat accepts that are not
 # ISO-8601 (e.g. "20240101", week dates) are refused by this first.
@@ -88,7 +88,7 @@ def parse_event_time_ms(text: str) -> int | None:
 
 
 def validate_value(value: bytes | None, rules: ValidationRules, reference_ms: int) -> tuple:
-    """One raw Kafka value -> (event_id, customer_id, product_id, quantity, event_time_ms, reason).
+    """One raw Kafka value -> (event_id, customer_id, product_id, quantity, event_time_ms, segment, reason).
 
     ``reason`` is None for a valid event; otherwise the other fields are None. The first problem
     found is reported, in a fixed order, so the same bytes always get the same reason.
@@ -123,11 +123,18 @@ def validate_value(value: bytes | None, rules: ValidationRules, reference_ms: in
         return _invalid(UNPARSEABLE_TIME)
     if event_time_ms > reference_ms + rules.max_future_skew_ms:
         return _invalid(FUTURE_TIME)
-    return (*ids, int(quantity), event_time_ms, None)
+    segment = document.get("segment")
+    if segment is not None:     # optional: a country or a store, for new customers' popularity list
+        if not isinstance(segment, str):
+            return _invalid(wrong_type("segment"))
+        if len(segment) > rules.max_id_length:
+            return _invalid(id_too_long("segment"))
+        segment = segment.strip() or None
+    return (*ids, int(quantity), event_time_ms, segment, None)
 
 
 def _invalid(reason: str) -> tuple:
-    return (None, None, None, None, None, reason)
+    return (None, None, None, None, None, None, reason)
 
 
 def _id_problem(document: dict, name: str, max_length: int) -> str | None:
@@ -175,4 +182,4 @@ def validate_values(values: Sequence[bytes | None], rules: ValidationRules,
     rows = [_validate_safely(value, rules, int(reference)) for value, reference in zip(values, references)]
     frame = pd.DataFrame.from_records(rows, columns=list(VALIDATED_COLUMNS))
     return frame.astype({"event_id": object, "customer_id": object, "product_id": object,
-                         "quantity": "Int64", "event_time_ms": "Int64", "reason": object})
+                         "quantity": "Int64", "event_time_ms": "Int64", "segment": object, "reason": object})

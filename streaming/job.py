@@ -37,11 +37,10 @@ from streaming.state import INPUT_COLUMNS, OUTPUT_SCHEMA, CutoffSource, Purchase
 log = logging.getLogger(__name__)
 
 ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
-VALIDATED_COLUMNS = ["key", "value", "source_topic", "source_partition", "source_offset", "kafka_ts_ms",
-                     "event_id", "customer_id", "product_id", "quantity", "event_time_ms", "reason"]
 VALIDATED_SCHEMA = ("key binary, value binary, source_topic string, source_partition int, source_offset long, "
                     "kafka_ts_ms long, event_id string, customer_id string, product_id string, quantity int, "
-                    "event_time_ms long, reason string")
+                    "event_time_ms long, segment string, reason string")
+VALIDATED_COLUMNS = [column.split()[0] for column in VALIDATED_SCHEMA.split(", ")]
 # Dead-letter headers (all values UTF-8 text).
 HEADER_REASON = "dlq.reason"
 HEADER_TOPIC = "dlq.source.topic"
@@ -172,7 +171,8 @@ class BatchRefresher:
         changed = frame[frame["new_events"] > 0].reset_index(drop=True) if len(frame) else frame
         if model is not None and len(changed):
             scoring_started = time.perf_counter()
-            scored = score_customers(model, changed, self.settings.k, self.settings.exclude_purchased)
+            scored = score_customers(model, changed, self.settings.k, self.settings.exclude_purchased,
+                                     segments=changed["segment"].to_numpy(object))
             records = records_for(model, changed, scored, computed_at_ms=now_ms())
             writing_started = time.perf_counter()
             figures.score_ms = (writing_started - scoring_started) * 1000

@@ -67,11 +67,16 @@ def _flatten(column: pd.Series, dtype) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
-def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclude_purchased: bool) -> Scored:
-    """Top-k (and the buy-again list) for every customer of the frame (see the module docstring)."""
+def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclude_purchased: bool,
+                    segments: np.ndarray | None = None) -> Scored:
+    """Top-k (and the buy-again list) for every customer of the frame (see the module docstring).
+
+    ``segments`` (one per customer, None when unknown: the events' optional ``segment``) picks
+    the segment's popularity list for a customer with no known purchase, when the model has one.
+    """
     indptr, indices, counts = purchase_counts(model, customers)
     item_idx, scores, strategies = scorers.recommend_from_counts(model.artifact, indptr, indices, counts, k,
-                                                                 exclude_purchased)
+                                                                 exclude_purchased, segments=segments)
     again_idx, again_scores = scorers.buy_again(model.artifact, indptr, indices, counts, k)
     return Scored(customers["customer_id"].to_numpy(), item_idx, scores, strategies, again_idx, again_scores)
 

@@ -36,15 +36,15 @@ log = logging.getLogger(__name__)
 
 # The columns the processor receives (the valid events; see streaming.job).
 INPUT_COLUMNS = ("customer_id", "event_id", "product_id", "quantity", "event_time_ms", "kafka_ts_ms",
-                 "source_partition", "source_offset")
+                 "source_partition", "source_offset", "segment")
 STATE_VARIABLE = "purchases"
 STATE_SCHEMA = ("event_ids array<string>, product_ids array<string>, quantities array<int>, "
                 "event_times_ms array<bigint>, arrived_ms array<bigint>")
 OUTPUT_COLUMNS = ("customer_id", "product_ids", "quantities", "event_times_ms", "new_events", "duplicate_events",
-                  "before_cutoff_events", "new_kafka_ts_ms", "source_offsets", "cutoff_ms")
+                  "before_cutoff_events", "new_kafka_ts_ms", "source_offsets", "cutoff_ms", "segment")
 OUTPUT_SCHEMA = ("customer_id string, product_ids array<string>, quantities array<int>, "
                  "event_times_ms array<long>, new_events int, duplicate_events int, before_cutoff_events int, "
-                 "new_kafka_ts_ms array<long>, source_offsets map<string,long>, cutoff_ms long")
+                 "new_kafka_ts_ms array<long>, source_offsets map<string,long>, cutoff_ms long, segment string")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Merge:
     before_cutoff: int = 0
     new_kafka_ts_ms: list[int] = field(default_factory=list)
     source_offsets: dict[str, int] = field(default_factory=dict)
+    segment: str | None = None      # the newest event's segment in this batch (events without one skipped)
 
 
 def merge_purchases(held: dict[str, tuple[str, int, int]], batch: pd.DataFrame | Iterable,
@@ -75,7 +76,9 @@ def merge_purchases(held: dict[str, tuple[str, int, int]], batch: pd.DataFrame |
     kept = {eid: value for eid, value in held.items() if value[2] > floor}
     merge = Merge(held=kept, removed=[eid for eid in held if eid not in kept])
     seen = set(held)
-    for partition, offset, event_id, product_id, quantity, event_time_ms, kafka_ts_ms in _input_tuples(batch):
+    for partition, offset, event_id, product_id, quantity, event_time_ms, kafka_ts_ms, segment in _input_tuples(batch):
+        if segment is not None and segment == segment:     # not None / NaN
+            merge.segment = str(segment)
         if event_id in seen:
             merge.duplicates += 1
             continue
@@ -96,10 +99,20 @@ _MERGE_ORDER = ("source_partition", "source_offset", "event_id", "product_id", "
 
 def _input_tuples(batch) -> list[tuple]:
     """The input rows as (partition, offset, event_id, product_id, quantity, event_time_ms,
-    kafka_ts_ms), in offset order (so the first of two copies in a batch is the one kept)."""
+    kafka_ts_ms, segment), in offset order (so the first of two copies in a batch is the one
+    kept); ``segment`` is optional in the input (None without it)."""
     if isinstance(batch, pd.DataFrame):
-        return sorted(zip(*(batch[name].tolist() for name in _MERGE_ORDER)))
-    return sorted(tuple(getattr(row, name) for name in _MERGE_ORDER) for row in batch)
+        segments = batch["segment"].tolist() if "segment" in batch else [None] * len(batch)
+        return sorted(zip(*(batch[name].tolist() for name in _MERGE_ORDER), segments), key=lambda t: t[:2])
+    return sorted(((*(getattr(row, name) for name in _MERGE_ORDER), _optional(row, "segment")) for row in batch),
+                  key=lambda t: t[:2])
+
+
+def _optional(row, name: str):
+    try:
+        return getattr(row, name)
+    except (AttributeError, KeyError):   # a Row without the field raises one or the other
+        return None
 
 
 _OutputRow = None
@@ -116,7 +129,8 @@ def output_row(customer_id: str, merge: Merge, cutoff_ms: int | None):
     purchases = sorted(merge.held.values(), key=lambda p: p[2])
     return _OutputRow(customer_id, [p[0] for p in purchases], [p[1] for p in purchases],
                                 [p[2] for p in purchases], len(merge.added), merge.duplicates,
-                                merge.before_cutoff, merge.new_kafka_ts_ms, merge.source_offsets, cutoff_ms)
+                                merge.before_cutoff, merge.new_kafka_ts_ms, merge.source_offsets, cutoff_ms,
+                                merge.segment)
 
 
 def held_from_state(value) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:

@@ -66,6 +66,14 @@ def test_the_output_row_has_the_declared_columns_in_order():
     assert row.new_events == 2
 
 
+def test_the_newest_segment_of_the_batch_is_carried_to_the_output():
+    frame = rows(("e1", "P1", 1, 10, "tx-0", 1), ("e2", "P2", 1, 20, "tx-0", 3), ("e3", "P3", 1, 30, "tx-0", 2))
+    merge = merge_purchases({}, frame.assign(segment=["FR", None, "UK"]), None)
+    assert merge.segment == "UK"              # offset 2 is the newest event that names a segment
+    assert output_row("C1", merge, None).segment == "UK"
+    assert merge_purchases({}, frame, None).segment is None     # events without the field
+
+
 def test_spark_rows_merge_like_a_frame():
     """The processor gets Rows, the tests mostly frames: the same merge either way."""
     from pyspark.sql import Row
@@ -165,6 +173,18 @@ def test_lists_popularity_before_a_known_purchase_and_purchases_excluded():
     assert records[1].product_ids[0] != "P1" and records[1].extra["purchases_since_cutoff"] == 1
     assert [r["product_id"] for r in records[1].extra["buy_again"]] == ["P1"]
     assert records[2].last_event_ms == CUTOFF_MS + 1 and records[2].source_offsets == {"tx-0": 1}
+
+
+def test_a_new_customer_in_a_known_segment_gets_that_segments_list():
+    table = {"FR": {"items": [4, 2], "buyers": [3.0, 1.0]}}
+    model = ServingModel.prepare(tiny_model(segment_column="country", segment_popularity=table))
+    frame = customers(("NEW", [("UNKNOWN", 1, CUTOFF_MS + 1)]), ("NEW2", [("UNKNOWN", 1, CUTOFF_MS + 1)]),
+                      ("NEW3", [("UNKNOWN", 1, CUTOFF_MS + 1)]), ("K1", [("P1", 1, CUTOFF_MS + 1)]))
+    scored = score_customers(model, frame, k=3, exclude_purchased=True,
+                             segments=np.array(["FR", "XX", None, "FR"], dtype=object))
+    assert scored.strategies == ["segment_popularity", "popularity", "popularity", "personalized"]
+    assert list(scored.item_idx[0][:2]) == [4, 2]                  # FR's best sellers
+    assert list(scored.item_idx[1]) == list(scored.item_idx[2]) == [1, 3, 0]   # unknown segment: everyone's
 
 
 @pytest.mark.parametrize("change, message", [

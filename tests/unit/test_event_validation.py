@@ -27,7 +27,15 @@ def _check(document, **overrides) -> tuple:
 
 
 def test_a_good_event_is_parsed():
-    assert _check(GOOD) == ("e1", "C1", "P1", 3, 1709296496789, None)
+    assert _check(GOOD) == ("e1", "C1", "P1", 3, 1709296496789, None, None)
+
+
+def test_the_optional_segment_is_kept_and_checked():
+    assert _check(GOOD, segment="FR")[5:] == ("FR", None)
+    assert _check(GOOD, segment="  ")[5:] == (None, None)       # blank: no segment
+    assert _check(GOOD, segment=None)[5:] == (None, None)
+    assert _check(GOOD, segment=44)[-1] == "wrong_type:segment"
+    assert _check(GOOD, segment="S" * 65)[-1] == "id_too_long:segment"
 
 
 def test_quantity_defaults_to_one_and_integral_floats_are_accepted():
@@ -77,7 +85,7 @@ def test_missing_fields(field):
 def test_wrong_values_get_their_reason(overrides, reason):
     result = _check(GOOD, **overrides)
     assert result[-1] == reason
-    assert result[:-1] == (None,) * 5
+    assert result[:-1] == (None,) * 6
 
 
 def test_id_at_the_length_limit_is_accepted():
