@@ -716,7 +716,7 @@ def report(results: dict[str, Any]) -> str:
                             ("include_purchased", "purchased products allowed (as recommendForAllUsers does)")):
             lines += [f"#### Quality on {title}: {note}", "",
                       *quality_table([("original (explicit ALS)", _metrics(parts.get(original_key), table, "model")),
-                                      ("ours (implicit ALS)", _metrics(parts[ours_key], table, "model")),
+                                      ("ours (the selected model)", _metrics(parts[ours_key], table, "model")),
                                       ("popularity", _metrics(parts[ours_key], table, "popularity"))])]
         ours_map = _metrics(parts[ours_key], "exclude_purchased", "model")
         pop_map = _metrics(parts[ours_key], "exclude_purchased", "popularity")
