@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from infra.process import tree_rss_bytes  # noqa: E402  (the repository's own package)
 PARTS = ("ours", "final", "topk", "blas", "original", "quality", "datasets", "grid")
 JOB_STAGE = re.compile(r" batch_training: == (.+)$")
 BENCH_STAGE = re.compile(r"^BENCH-STAGE (.+)$")
@@ -57,39 +59,9 @@ ORIGINAL_FOLDS = 5
 
 # ------------------------------------------------------------------------------ process memory
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    return children
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def tree_rss_mib(root: int) -> float:
     """RSS of ``root`` and all its descendants (MiB): the driver, its JVM and python workers."""
-    children, total, todo = _children_map(), 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += _rss_kib(pid)
-        todo.extend(children.get(pid, []))
-    return total / 1024
+    return tree_rss_bytes(root) / 2 ** 20
 
 
 class StageMemory:
@@ -748,7 +720,6 @@ def _selection_row(name: str, part: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "worker":
-        sys.path.insert(0, str(REPO))
         from models.logging_setup import setup_logging
         setup_logging("WARNING")
         name, rest = argv[1], argv[2:]
