@@ -7,10 +7,9 @@ ALS fit, so the evaluation measures exactly what the jobs will serve.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
-
-import logging
 
 import numpy as np
 
@@ -95,20 +94,6 @@ def recommend_candidates(base: ModelArtifact, candidates: list[Candidate], users
     indptr, indices, counts = base.user_items_of(users)
     return {c.name: recommend_from_counts(as_candidate(base, c), indptr, indices, counts, k,
                                           exclude_purchased)[0] for c in candidates}
-
-
-def select(results: dict[str, dict], candidates: list[Candidate], metric: str,
-           min_lift: float) -> Candidate:
-    """The best candidate by ``metric``; a personalised one must beat popularity by ``min_lift``.
-
-    Ties go to the earlier candidate. Without a popularity candidate the best one wins.
-    """
-    by_name = {c.name: c for c in candidates}
-    best = max(candidates, key=lambda c: (_finite(results[c.name][metric]), -candidates.index(c)))
-    if "popularity" not in by_name or best.model_type == "popularity":
-        return best
-    baseline = _finite(results["popularity"][metric])
-    return best if _finite(results[best.name][metric]) >= baseline * (1 + min_lift) else by_name["popularity"]
 
 
 def select_model(results, candidates: list[Candidate], metric: str, min_lift: float,

@@ -132,12 +132,15 @@ class CandidateResult:
     fold_metrics: list[dict[str, dict]] = field(default_factory=list)
 
     def mean(self, metric: str, scorer: str = "als") -> float:
-        values = [fold[scorer][metric] for fold in self.fold_metrics if scorer in fold]
+        values = self._values(metric, scorer)
         return float(np.mean(values)) if values else float("nan")
 
     def sd(self, metric: str, scorer: str = "als") -> float:
-        values = [fold[scorer][metric] for fold in self.fold_metrics if scorer in fold]
+        values = self._values(metric, scorer)
         return float(np.std(values)) if values else float("nan")
+
+    def _values(self, metric: str, scorer: str) -> list[float]:
+        return [fold[scorer][metric] for fold in self.fold_metrics if scorer in fold]
 
     def scorers(self) -> list[str]:
         return list(self.fold_metrics[0]) if self.fold_metrics else []
@@ -162,7 +165,7 @@ def cross_validate(folds: list[tuple[Any, Any]], candidates: list[AlsParams], n_
             result.fold_metrics.append(by_scorer)
             done += 1
             elapsed = time.perf_counter() - started
-            best = max(by_scorer, key=lambda name: _finite(by_scorer[name][metric]))
+            best = max(by_scorer, key=lambda name: np.nan_to_num(float(by_scorer[name][metric]), nan=-np.inf))
             log.info("CV fold %d/%d candidate %s: %s@k ALS %.4f, best %s %.4f  [%d/%d fits, %.0f s elapsed, "
                      "~%.0f s left]", fold_no, len(folds), result.params.label(), metric,
                      by_scorer.get("als", {}).get(metric, float("nan")), best, by_scorer[best][metric], done, total,
@@ -170,11 +173,6 @@ def cross_validate(folds: list[tuple[Any, Any]], candidates: list[AlsParams], n_
         train.unpersist()
         test.unpersist()
     return results
-
-
-def _finite(value) -> float:
-    value = float(value)
-    return value if np.isfinite(value) else -np.inf
 
 
 def counts_as_ratings(counts: np.ndarray, params: AlsParams) -> np.ndarray:
