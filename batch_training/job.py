@@ -24,8 +24,8 @@ from batch_training.candidates import (Candidate, as_candidate, candidates_from_
 from batch_training.data import aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
-                                       kfold_splits, popularity_recommendations, relevant_sets, evaluate)
-from batch_training.metrics import ranking_metrics, rmse
+                                       kfold_splits, relevant_sets, evaluate)
+from batch_training.metrics import rmse
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
 from models.config import Config
@@ -152,10 +152,11 @@ def run(cfg: Config, spark=None) -> BatchResult:
 
     stages.start("evaluation on the holdout")
     holdout_factors = fit_als(train, chosen, n_users, n_items)
-    metrics = _evaluate_holdout(holdout_factors, train, test, n_users, n_items, k, exclude, scorers, selected,
+    holdout = _Split(train, test, n_users, n_items)
+    metrics = _evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
                                 max_knn_items=int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
     if chosen != base and metric not in LOWER_IS_BETTER:
-        _add_plain_als(metrics, fit_als(train, base, n_users, n_items), train, test, n_users, n_items, k)
+        _add_plain_als(metrics, fit_als(train, base, n_users, n_items), holdout, k)
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
@@ -248,17 +249,19 @@ def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int,
     """Each scorer's metrics on a fold. Popularity and item-kNN do not depend on the ALS parameters,
     so they are computed once per fold."""
     independent = [c for c in scorers if c.model_type in PARAMETER_FREE]
-    per_fold: dict[int, dict] = {}
+    dependent = [c for c in scorers if c not in independent]
+    current: dict[str, Any] = {"fold": None}     # the fold being scored: its split and parameter-free rows
 
     def score(fold_no: int, factors: Factors, train, test) -> dict[str, dict]:
         if metric == "rmse":
             return {"als": {"rmse": _rmse(factors, test)}}
-        dependent = [c for c in scorers if c not in independent]
-        todo = dependent + ([] if fold_no in per_fold else independent)
-        table = _candidate_table(factors, train, test, n_users, n_items, k, exclude, todo)
-        if fold_no not in per_fold:
-            per_fold[fold_no] = {c.name: table[c.name] for c in independent}
-        return {c.name: table[c.name] if c.name in table else per_fold[fold_no][c.name] for c in scorers}
+        first = current["fold"] != fold_no
+        if first:
+            current.update(fold=fold_no, split=_Split(train, test, n_users, n_items), independent={})
+        table = _candidate_table(factors, current["split"], k, exclude, dependent + (independent if first else []))
+        if first:
+            current["independent"] = {c.name: table[c.name] for c in independent}
+        return {c.name: table[c.name] if c.name in table else current["independent"][c.name] for c in scorers}
     return score
 
 
@@ -296,21 +299,42 @@ def _rmse(factors: Factors, pairs) -> float:
     return rmse(predicted, frame["count"].to_numpy(np.float64))
 
 
-def _candidate_table(factors: Factors, train, test, n_users: int, n_items: int, k: int, exclude: bool,
+class _Split:
+    """A train/test split as the driver needs it to score candidates: the training counts, their
+    popularity and the relevant sets, each a Spark collect done once however many candidates and
+    fits are scored on the split."""
+
+    def __init__(self, train, test, n_users: int, n_items: int):
+        self.train, self.test, self.n_items = train, test, n_items
+        self.purchased = PairArrays.collect(train, n_users)
+        self.popularity = item_popularity(train, n_items)
+        self._relevant: dict[bool, tuple] = {}
+
+    def relevant(self, exclude: bool) -> tuple:
+        """``(users, relevant sets)`` of the test part; held-out purchases of new products only
+        when ``exclude``."""
+        if exclude not in self._relevant:
+            users = evaluation_users(self.test, exclude)
+            self._relevant[exclude] = (users, relevant_sets(self.test, users, exclude))
+        return self._relevant[exclude]
+
+    def artifact(self, factors: Factors):
+        """A throw-away artifact over the split's training counts and the given fit."""
+        return scoring_artifact(factors.item_factors, self.purchased.indptr, self.purchased.indices,
+                                self.purchased.counts, self.popularity.buyers.astype(np.float64),
+                                factors.params.as_dict())
+
+
+def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
                      candidates: list[Candidate]) -> dict[str, dict]:
     """Every candidate's metrics on one split, all scored from the same training counts and fit."""
-    popularity = item_popularity(train, n_items)
-    purchased = PairArrays.collect(train, n_users)
-    base = scoring_artifact(factors.item_factors, purchased.indptr, purchased.indices, purchased.counts,
-                            popularity.buyers.astype(np.float64), factors.params.as_dict())
-    users = evaluation_users(test, exclude)
-    relevant = relevant_sets(test, users, exclude)
-    lists = recommend_candidates(base, candidates, users, k, exclude)
-    return {name: evaluate(recs, relevant, k, n_items, popularity, factors.item_factors)
+    users, relevant = split.relevant(exclude)
+    lists = recommend_candidates(split.artifact(factors), candidates, users, k, exclude)
+    return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
             for name, recs in lists.items()}
 
 
-def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int, k: int,
+def _evaluate_holdout(factors: Factors, split: _Split, k: int,
                       exclude_main: bool, candidates: list[Candidate] | None = None,
                       selected: Candidate | None = None, max_knn_items: int = 10_000) -> dict[str, Any]:
     """The selected model ("model") beside every candidate and the popularity and item-kNN baselines,
@@ -320,57 +344,52 @@ def _evaluate_holdout(factors: Factors, train, test, n_users: int, n_items: int,
     for baseline in (Candidate("popularity"), Candidate("item_knn"), Candidate("als")):
         if baseline not in everyone:
             everyone.append(baseline)
-    everyone = without_unaffordable_knn(everyone, n_items, max_knn_items)
+    everyone = without_unaffordable_knn(everyone, split.n_items, max_knn_items)
     report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main, "selected": selected.name}
     for exclude in (True, False):
-        rows = _candidate_table(factors, train, test, n_users, n_items, k, exclude, everyone)
+        rows = _candidate_table(factors, split, k, exclude, everyone)
         table = {"model": rows[selected.name], **rows}
         key = "exclude_purchased" if exclude else "include_purchased"
         report[key] = table
         log.info("holdout metrics, purchased items %s (%s customers); model = %s:\n%s",
                  "excluded" if exclude else "included", f"{table['model'].get('users', 0):,}", selected.name,
                  format_metrics_table(table))
-    report["buy_again"] = _evaluate_buy_again(factors, train, test, n_users, n_items, k, selected)
+    report["buy_again"] = _evaluate_buy_again(factors, split, k, selected)
     if not factors.params.implicit_prefs:
-        report["rmse"] = {"train": _rmse(factors, train), "test": _rmse(factors, test)}
+        report["rmse"] = {"train": _rmse(factors, split.train), "test": _rmse(factors, split.test)}
         log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
     return report
 
 
-def _add_plain_als(metrics: dict, plain: Factors, train, test, n_users: int, n_items: int, k: int) -> None:
+def _add_plain_als(metrics: dict, plain: Factors, split: _Split, k: int) -> None:
     """ALS at the configured parameters (``batch.als``, no CV) beside the selected model, so the
     report shows what cross-validation bought; row ``plain_als`` of both holdout tables."""
     for exclude, key in ((True, "exclude_purchased"), (False, "include_purchased")):
-        metrics[key]["plain_als"] = _candidate_table(plain, train, test, n_users, n_items, k, exclude,
-                                                     [Candidate("als")])["als"]
+        metrics[key]["plain_als"] = _candidate_table(plain, split, k, exclude, [Candidate("als")])["als"]
     table = {name: metrics["exclude_purchased"][name] for name in ("model", "plain_als", "popularity")}
     log.info("selected model against ALS at the configured parameters (%s), purchased items excluded:\n%s",
              plain.params.label(), format_metrics_table(table))
 
 
-def _evaluate_buy_again(factors: Factors, train, test, n_users: int, n_items: int, k: int,
-                        selected: Candidate) -> dict[str, dict]:
+def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candidate) -> dict[str, dict]:
     """The buy-again list against the held-out repurchases (only the time split has any); the
     discover list is the "exclude_purchased" table (held-out new products)."""
     from pyspark.sql import functions as F
 
     from models.scorers import buy_again
 
-    repurchases = test.where(F.col("repurchase"))
+    repurchases = split.test.where(F.col("repurchase"))
     users = evaluation_users(repurchases, False)
     if users.size == 0:
         log.info("buy-again: no held-out repurchases on this split (the random split holds out new products only)")
         return {}
     relevant = relevant_sets(repurchases, users, False)
-    popularity = item_popularity(train, n_items)
-    purchased = PairArrays.collect(train, n_users)
-    base = scoring_artifact(factors.item_factors, purchased.indptr, purchased.indices, purchased.counts,
-                            popularity.buyers.astype(np.float64), factors.params.as_dict())
+    base = split.artifact(factors)
     indptr, indices, counts = base.user_items_of(users)
     table = {}
     for candidate in dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]):
         lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k)
-        table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, n_items, popularity)
+        table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, split.n_items, split.popularity)
     log.info("buy-again lists on the held-out repurchases (%s customers):\n%s", f"{users.size:,}",
              format_metrics_table(table))
     return table
