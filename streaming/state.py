@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Iterable, Iterator
 
 import pandas as pd
+from pyspark.sql import Row
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,10 @@ INPUT_COLUMNS = ("customer_id", "event_id", "product_id", "quantity", "event_tim
 STATE_VARIABLE = "purchases"
 STATE_SCHEMA = ("event_ids array<string>, product_ids array<string>, quantities array<int>, "
                 "event_times_ms array<bigint>, arrived_ms array<bigint>")
-OUTPUT_COLUMNS = ("customer_id", "product_ids", "quantities", "event_times_ms", "new_events", "duplicate_events",
-                  "before_cutoff_events", "new_kafka_ts_ms", "source_offsets", "cutoff_ms", "segment")
 OUTPUT_SCHEMA = ("customer_id string, product_ids array<string>, quantities array<int>, "
                  "event_times_ms array<long>, new_events int, duplicate_events int, before_cutoff_events int, "
                  "new_kafka_ts_ms array<long>, source_offsets map<string,long>, cutoff_ms long, segment string")
+OUTPUT_COLUMNS = tuple(column.split()[0] for column in OUTPUT_SCHEMA.split(", "))
 
 
 @dataclass
@@ -115,22 +115,16 @@ def _optional(row, name: str):
         return None
 
 
-_OutputRow = None
+_OUTPUT_ROW = Row(*OUTPUT_COLUMNS)
 
 
-def output_row(customer_id: str, merge: Merge, cutoff_ms: int | None):
+def output_row(customer_id: str, merge: Merge, cutoff_ms: int | None) -> Row:
     """The processor's one output row for a customer (a ``Row`` with the ``OUTPUT_SCHEMA``
     columns in order; purchases oldest first)."""
-    global _OutputRow
-    if _OutputRow is None:
-        from pyspark.sql import Row
-
-        _OutputRow = Row(*OUTPUT_COLUMNS)
     purchases = sorted(merge.held.values(), key=lambda p: p[2])
-    return _OutputRow(customer_id, [p[0] for p in purchases], [p[1] for p in purchases],
-                                [p[2] for p in purchases], len(merge.added), merge.duplicates,
-                                merge.before_cutoff, merge.new_kafka_ts_ms, merge.source_offsets, cutoff_ms,
-                                merge.segment)
+    return _OUTPUT_ROW(customer_id, [p[0] for p in purchases], [p[1] for p in purchases],
+                       [p[2] for p in purchases], len(merge.added), merge.duplicates, merge.before_cutoff,
+                       merge.new_kafka_ts_ms, merge.source_offsets, cutoff_ms, merge.segment)
 
 
 def held_from_state(value) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
