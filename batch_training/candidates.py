@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from models.artifact import ModelArtifact
-from models.scorers import MODEL_TYPES, recommend_from_counts
+from models.scorers import MODEL_TYPES, needs_vectors, recommend_from_counts, user_vectors
 
 log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("als", "blend", "popularity", "item_knn")
@@ -92,8 +92,11 @@ def recommend_candidates(base: ModelArtifact, candidates: list[Candidate], users
                          exclude_purchased: bool) -> dict[str, np.ndarray]:
     """Each candidate's top-k for ``users`` (rows of ``base``'s training counts), by name."""
     indptr, indices, counts = base.user_items_of(users)
+    # The ALS-based candidates share one fit, hence one fold-in of these customers.
+    vectors = user_vectors(base, indptr, indices, counts) if any(
+        needs_vectors(as_candidate(base, c)) for c in candidates) else None
     return {c.name: recommend_from_counts(as_candidate(base, c), indptr, indices, counts, k,
-                                          exclude_purchased)[0] for c in candidates}
+                                          exclude_purchased, vectors=vectors)[0] for c in candidates}
 
 
 def select_model(results, candidates: list[Candidate], metric: str, min_lift: float,

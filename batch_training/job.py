@@ -376,7 +376,7 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
     discover list is the "exclude_purchased" table (held-out new products)."""
     from pyspark.sql import functions as F
 
-    from models.scorers import buy_again
+    from models.scorers import buy_again, user_vectors
 
     repurchases = split.test.where(F.col("repurchase"))
     users = evaluation_users(repurchases, False)
@@ -386,9 +386,10 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
     relevant = relevant_sets(repurchases, users, False)
     base = split.artifact(factors)
     indptr, indices, counts = base.user_items_of(users)
+    vectors = user_vectors(base, indptr, indices, counts)   # one fold-in for every candidate of this fit
     table = {}
     for candidate in dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]):
-        lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k)
+        lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k, vectors=vectors)
         table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, split.n_items, split.popularity)
     log.info("buy-again lists on the held-out repurchases (%s customers):\n%s", f"{users.size:,}",
              format_metrics_table(table))

@@ -36,11 +36,14 @@ _DENSE_BUDGET = 16_777_216
 
 
 def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int,
-                          exclude_purchased: bool, segments=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                          exclude_purchased: bool, segments=None,
+                          vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Top-k per customer from their full purchase counts (CSR over the artifact's item index).
 
     ``segments`` (optional, one per customer, None when unknown) picks the popularity list of the
-    customers who get one. Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
+    customers who get one. ``vectors`` are ``user_vectors`` of the same counts when the caller
+    already has them (the fold-in is the costly part; the buy-again list and other scorers of the
+    same ALS fit reuse it). Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
     -1/NaN pad short lists.
     """
     model_type = artifact.model_type
@@ -59,7 +62,8 @@ def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, cou
     if len(rows):
         sub = _rows(indptr, indices, counts, rows)
         excluded = sub[:2] if exclude_purchased else None
-        item_idx[rows], scores[rows] = _personal_top_k(artifact, *sub, k, excluded)
+        item_idx[rows], scores[rows] = _personal_top_k(artifact, *sub, k, excluded,
+                                                       None if vectors is None else vectors[rows])
     strategies = np.where(personal, PERSONALIZED, POPULARITY).astype(object)
     by_segment = _segment_rows(artifact, segments, np.flatnonzero(~personal))
     for popularity, fallback, strategy in by_segment:
@@ -105,15 +109,21 @@ def _segment_rows(artifact, segments, fallback: np.ndarray):
     return groups
 
 
-def _personal_top_k(artifact, indptr, indices, counts, k, excluded):
+def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None):
     if artifact.model_type == "item_knn":
         return _knn_top_k(artifact, indptr, indices, k, excluded)
-    vectors = user_vectors(artifact, indptr, indices, counts)
+    if vectors is None:
+        vectors = user_vectors(artifact, indptr, indices, counts)
     if artifact.model_type == "als":
         return scoring.top_k(vectors, artifact.item_factors, k, exclude=excluded)
     weight = float(artifact.params.get("blend_weight", 1.0))
     users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight)
     return scoring.top_k(users, items, k, exclude=excluded)
+
+
+def needs_vectors(artifact) -> bool:
+    """Whether the model type scores through folded-in ALS user vectors (``user_vectors``)."""
+    return artifact.model_type in ("als", "blend")
 
 
 def user_vectors(artifact, indptr, indices, counts) -> np.ndarray:
@@ -148,7 +158,7 @@ def blend_factors(user_vectors: np.ndarray, item_factors: np.ndarray, popularity
 # ------------------------------------------------------------------------- buy again / discover
 
 def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
-              k: int) -> tuple[np.ndarray, np.ndarray]:
+              k: int, vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Products each customer bought before, best first: ``(item_idx int32 [n, k], scores float32)``.
 
     score = relevance / the customer's best relevance + count / the customer's largest count, so
@@ -162,7 +172,7 @@ def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndar
     rows = np.repeat(np.arange(n), np.diff(indptr))
     known = indices >= 0
     relevance = np.zeros(len(indices))
-    relevance[known] = pair_scores(artifact, indptr, indices, counts, rows[known], indices[known])
+    relevance[known] = pair_scores(artifact, indptr, indices, counts, rows[known], indices[known], vectors)
     combined = _share_of_row_max(relevance, rows, n) + _share_of_row_max(counts, rows, n)
     return scoring.top_k_of_triples(rows[known], indices[known], combined[known], n, k)
 
@@ -172,7 +182,8 @@ def discover(artifact, indptr, indices, counts, k: int) -> tuple[np.ndarray, np.
     return recommend_from_counts(artifact, indptr, indices, counts, k, exclude_purchased=True)
 
 
-def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.ndarray,
+                vectors: np.ndarray | None = None) -> np.ndarray:
     """The model's score of ``items[j]`` for customer ``rows[j]`` (float64), as the ranking uses it."""
     model_type = artifact.model_type
     rows, items = np.asarray(rows, dtype=np.int64), np.asarray(items, dtype=np.int64)
@@ -186,8 +197,9 @@ def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.n
             wanted = rows == row
             result[wanted] = similarity[items[wanted]][:, bought[bought >= 0]].sum(axis=1)
         return result
-    vectors = user_vectors(artifact, np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
-                           np.asarray(counts, dtype=np.float32))
+    if vectors is None:
+        vectors = user_vectors(artifact, np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
+                               np.asarray(counts, dtype=np.float32))
     item_factors = artifact.item_factors
     if model_type == "blend":
         vectors, item_factors = blend_factors(vectors, item_factors, artifact.popularity,

@@ -74,10 +74,14 @@ def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclud
     ``segments`` (one per customer, None when unknown: the events' optional ``segment``) picks
     the segment's popularity list for a customer with no known purchase, when the model has one.
     """
+    artifact = model.artifact
     indptr, indices, counts = purchase_counts(model, customers)
-    item_idx, scores, strategies = scorers.recommend_from_counts(model.artifact, indptr, indices, counts, k,
-                                                                 exclude_purchased, segments=segments)
-    again_idx, again_scores = scorers.buy_again(model.artifact, indptr, indices, counts, k)
+    # One fold-in per customer serves both lists.
+    vectors = scorers.user_vectors(artifact, indptr, indices, counts) if scorers.needs_vectors(artifact) else None
+    item_idx, scores, strategies = scorers.recommend_from_counts(artifact, indptr, indices, counts, k,
+                                                                 exclude_purchased, segments=segments,
+                                                                 vectors=vectors)
+    again_idx, again_scores = scorers.buy_again(artifact, indptr, indices, counts, k, vectors=vectors)
     return Scored(customers["customer_id"].to_numpy(), item_idx, scores, strategies, again_idx, again_scores)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from models.artifact import ModelArtifact, new_version
-from models.scorers import buy_again, discover, item_cosine, recommend_from_counts, segment_popularity
+from models.scorers import (buy_again, discover, item_cosine, recommend_from_counts, segment_popularity,
+                            user_vectors)
 from models.scoring import fold_in, popularity_top_k, top_k
 
 
@@ -112,6 +113,25 @@ def test_buy_again_holds_only_past_purchases_and_never_overlaps_discover(model_t
         assert not set(listed) & set(new[user])
         valid = again_scores[user][:len(listed)]
         assert np.all(np.diff(valid) <= 1e-6)  # best first
+
+
+@pytest.mark.parametrize("model_type", ["als", "blend"])
+def test_lists_from_shared_user_vectors_equal_lists_folded_in_per_call(model_type):
+    """The stream and the evaluation fold every customer in once and pass the vectors to both
+    lists; the lists must be exactly those each call computes on its own."""
+    model = _artifact(model_type, 0.5 if model_type == "blend" else None)
+    indptr, indices, counts = model.user_items
+    vectors = user_vectors(model, indptr, indices, counts)
+    for exclude in (True, False):
+        alone = recommend_from_counts(model, indptr, indices, counts, 10, exclude)
+        shared = recommend_from_counts(model, indptr, indices, counts, 10, exclude, vectors=vectors)
+        np.testing.assert_array_equal(shared[0], alone[0])
+        np.testing.assert_allclose(shared[1], alone[1], rtol=1e-5)
+        assert shared[2] == alone[2]
+    again_alone = buy_again(model, indptr, indices, counts, 5)
+    again_shared = buy_again(model, indptr, indices, counts, 5, vectors=vectors)
+    np.testing.assert_array_equal(again_shared[0], again_alone[0])
+    np.testing.assert_allclose(again_shared[1], again_alone[1], rtol=1e-5)
 
 
 def test_buy_again_ranks_by_relevance_plus_purchase_frequency():
