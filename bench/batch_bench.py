@@ -22,7 +22,7 @@ Parts (``--parts``, default: all, in this order):
 * ``datasets``   Online Retail and Groceries, random and time splits (needs ``--datasets-dir``): our
                  job at its defaults (CV over the ALS grid and the scorers) and the original approach;
                  the published model beside popularity, item-kNN and ALS.
-* ``grid``       our job at its default grid (5-fold CV over reg_param x alpha).
+* ``grid``       our job at its default grid (5-fold CV over `batch.grid` (rank x alpha) x the scorers).
 
 Usage: ``python bench/batch_bench.py --factor 1 [--datasets-dir DIR] [--parts ours,topk]``.
 Results: ``<out>/batch_f<factor>.json`` and ``<out>/batch_f<factor>.md``.

@@ -175,6 +175,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
                   "customers": artifact.n_users, "rank": artifact.rank},
         "spark_master": str(own.get_path("spark.master")),
         "trigger_interval": str(own.get_path("streaming.trigger_interval")),
+        "dead_letter_trigger_interval": str(own.get_path("streaming.dead_letter_trigger_interval")),
         "shuffle_partitions": int(own.get_path("spark.shuffle_partitions")),
         "sinks": "topic and table" if to_table else "topic only",
     }

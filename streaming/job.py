@@ -2,7 +2,9 @@
 
 1. ``reco-dead-letter``: validate -> invalid rows -> the dead-letter topic. The message keeps the
    original key and value bytes untouched; the reason and the source topic, partition, offset
-   and timestamp travel as Kafka headers (docs/schemas.md).
+   and timestamp travel as Kafka headers (docs/schemas.md). It runs on its own, longer trigger
+   (``streaming.dead_letter_trigger_interval``): dead letters are not latency-critical, and each
+   micro-batch has a fixed cost the scoring query would otherwise share its cores with.
 2. ``reco-scoring``: validate -> valid rows -> per-customer purchase state
    (``transformWithState``, RocksDB state store, streaming/state.py) -> ``foreachBatch``
    on the driver: refresh the customers with new purchases against the current model
@@ -246,14 +248,17 @@ class StreamingJob:
                    .outputMode("update").foreachBatch(BatchRefresher(self.settings, self.holder, self.writer,
                                                                      self.metrics))
                    .option("checkpointLocation", f"{checkpoint}/scoring"))
-        for writer in (dead_letter, scoring):
+        for writer, interval_ms in ((dead_letter, self.settings.dead_letter_trigger_interval_ms),
+                                    (scoring, self.settings.trigger_interval_ms)):
             writer = (writer.trigger(availableNow=True) if available_now
-                      else writer.trigger(processingTime=f"{self.settings.trigger_interval_ms} milliseconds"))
+                      else writer.trigger(processingTime=f"{interval_ms} milliseconds"))
             self.queries.append(writer.start())
         log.info("streaming scorer started: %s -> %s and table %s (dead letters: %s), checkpoints in %s, "
                  "trigger %s", self.settings.transactions_topic, self.writer.topic, self.writer.table_name,
                  self.settings.dead_letter_topic, checkpoint,
-                 "available-now" if available_now else f"every {self.settings.trigger_interval_ms} ms")
+                 "available-now" if available_now else
+                 f"every {self.settings.trigger_interval_ms} ms (dead letters every "
+                 f"{self.settings.dead_letter_trigger_interval_ms} ms)")
         return self
 
     def request_stop(self) -> None:

@@ -31,6 +31,7 @@ def duration_ms(value, name: str = "duration") -> int:
 class StreamingSettings:
     k: int
     trigger_interval_ms: int
+    dead_letter_trigger_interval_ms: int
     checkpoint_dir: str               # a folder, or a URI Spark understands (hdfs://, s3a://)
     state_ttl_ms: int
     exclude_purchased: bool
@@ -55,6 +56,9 @@ class StreamingSettings:
         return cls(
             k=k,
             trigger_interval_ms=duration_ms(cfg.get_path("streaming.trigger_interval"), "streaming.trigger_interval"),
+            dead_letter_trigger_interval_ms=duration_ms(
+                cfg.get_path("streaming.dead_letter_trigger_interval", "10 seconds"),
+                "streaming.dead_letter_trigger_interval"),
             checkpoint_dir=checkpoint,
             state_ttl_ms=duration_ms(cfg.get_path("streaming.state_ttl"), "streaming.state_ttl"),
             exclude_purchased=bool(cfg.get_path("streaming.exclude_purchased")),

@@ -92,7 +92,8 @@ def own_config(cfg, folder, model: ModelArtifact):
         "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}",
         "model_store.uri": str(folder / "models"),
         "streaming.checkpoint_dir": str(folder / "checkpoints"),
-        "streaming.trigger_interval": "1 second", "streaming.model_poll_interval": "1 second",
+        "streaming.trigger_interval": "1 second", "streaming.dead_letter_trigger_interval": "1 second",
+        "streaming.model_poll_interval": "1 second",
     })
     ensure_topics(own)
     ensure_table(own)
