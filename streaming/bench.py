@@ -13,7 +13,8 @@ the state and scored per second over the measured window; the job keeps up when 
 a couple of trigger intervals of the producer stopping. Also reported: customers refreshed per
 second, the median micro-batch and its split (state stage, scoring, writing) over the window, and
 the peak resident memory of this process and its children (the Spark JVM, the Python workers),
-sampled from /proc every 0.5 s over the whole run.
+sampled from /proc every 0.5 s over the whole run, and Spark's own progress of both queries over
+the window (median phases, state operator times, the share of the window each spent in batches).
 
     python -m streaming.bench --rate 200 --duration 120 --warmup 45
     python -m streaming.bench --rate 1000 --no-table     # topic only: without the DynamoDB endpoint's limit
@@ -128,6 +129,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
     from models.spark import build_spark
     from models.store import ModelStore
     from streaming.job import StreamingJob
+    from streaming.settings import StreamingSettings
 
     memory = MemorySampler()
     memory.start()
@@ -151,6 +153,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         processed = _processed(job)
     finally:
         job.stop()
+        progress = {query.name: list(query.recentProgress) for query in job.queries}
         spark.stop()
         peak_rss = memory.stop()
     reports = [r for r in job.metrics.reports if r.query == "reco-scoring"]
@@ -169,6 +172,8 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         "customers_refreshed_per_s": round(sum(r.customers_refreshed for r in in_window) / window_s, 1)
         if window_s > 0 else None,
         "median_batch": _median_batch(in_window),
+        "spark_progress": {name: _progress_profile(items, window_start_ms, window_end_ms)
+                           for name, items in progress.items()},
         "peak_rss_mb": round(peak_rss / 2 ** 20),
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "model": {"version": artifact.version, "type": artifact.model_type, "items": artifact.n_items,
@@ -176,7 +181,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         "spark_master": str(own.get_path("spark.master")),
         "trigger_interval": str(own.get_path("streaming.trigger_interval")),
         "dead_letter_trigger_interval": str(own.get_path("streaming.dead_letter_trigger_interval")),
-        "shuffle_partitions": int(own.get_path("spark.shuffle_partitions")),
+        "state_partitions": StreamingSettings.from_config(own).state_partitions,
         "sinks": "topic and table" if to_table else "topic only",
     }
 
@@ -192,16 +197,45 @@ def _median_batch(reports) -> dict | None:
             "customers_refreshed": med([r.customers_refreshed for r in reports])}
 
 
+def _progress_profile(progress, start_ms: int, end_ms: int) -> dict | None:
+    """Spark's own view of a query's micro-batches in the window: the median of each phase of
+    ``durationMs`` (addBatch is the batch itself; the rest is Spark's bookkeeping), the state
+    operator's update and commit times, and the share of the window the query spent in batches
+    (what it takes from the cores the other query shares)."""
+    batches = [p for p in progress if "addBatch" in (p.durationMs or {})
+               and start_ms <= _iso_ms(p.timestamp) <= end_ms]
+    if not batches:
+        return None
+    med = lambda values: round(float(np.median(values)))   # noqa: E731
+    phases = sorted({phase for p in batches for phase in p.durationMs})
+    profile = {"batches": len(batches),
+               "busy_share": round(sum(p.durationMs.get("triggerExecution", 0) for p in batches)
+                                   / max(1, end_ms - start_ms), 2),
+               "median_ms": {phase: med([p.durationMs.get(phase, 0) for p in batches]) for phase in phases}}
+    operators = [p.stateOperators[0] for p in batches if p.stateOperators]
+    if operators:
+        profile["state_operator_median"] = {
+            "all_updates_ms": med([o.allUpdatesTimeMs for o in operators]),
+            "commit_ms": med([o.commitTimeMs for o in operators]),
+            "rows_total": med([o.numRowsTotal for o in operators])}
+    return profile
+
+
+def _iso_ms(text: str) -> int:
+    try:
+        return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return -1
+
+
 def _processed(job) -> int:
     totals = job.metrics.totals
     return totals["new_events"] + totals["duplicate_events"]
 
 
 def _report_ms(report) -> int | None:
-    try:
-        return int(datetime.fromisoformat(report.timestamp.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+    ms = _iso_ms(report.timestamp)
+    return ms if ms >= 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,9 +55,12 @@ WRITE_ATTEMPTS = 5
 STATE_SERVER_LOGGER = "org.apache.spark.sql.execution.python.streaming.TransformWithStateInPySparkStateServer"
 
 
-def configure_session(spark) -> None:
+def configure_session(spark, settings: StreamingSettings) -> None:
     """Session settings the scoring query needs, set before it starts (they are per query)."""
     spark.conf.set("spark.sql.streaming.stateStore.providerClass", ROCKSDB_PROVIDER)
+    # The state partitions: used when a checkpoint is created, then fixed by it (Spark keeps the
+    # number in the checkpoint and ignores this setting on a restart).
+    spark.conf.set("spark.sql.shuffle.partitions", str(settings.state_partitions))
     # Changelog checkpointing: each batch uploads only its state changes, not RocksDB files.
     spark.conf.set("spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled", "true")
     # With processing-time TTL Spark would otherwise run an empty batch every trigger forever.
@@ -233,7 +236,7 @@ class StreamingJob:
 
     def start(self, available_now: bool = False) -> "StreamingJob":
         """Start both queries (``available_now``: process what is in the topic now, then stop)."""
-        configure_session(self.spark)
+        configure_session(self.spark, self.settings)
         self._listener = make_listener(self.metrics)
         self.spark.streams.addListener(self._listener)
         self.holder.current()   # load the model up front: a broken one is reported at start-up

@@ -34,6 +34,7 @@ class StreamingSettings:
     dead_letter_trigger_interval_ms: int
     checkpoint_dir: str               # a folder, or a URI Spark understands (hdfs://, s3a://)
     state_ttl_ms: int
+    state_partitions: int
     exclude_purchased: bool
     starting_offsets: str
     max_offsets_per_trigger: int | None
@@ -53,6 +54,9 @@ class StreamingSettings:
         k = int(cfg.get_path("streaming.k"))
         if k < 1:
             raise ConfigError(f"streaming.k: {k} must be at least 1")
+        partitions = int(cfg.get_path("streaming.state_partitions", 2))
+        if partitions < 1:
+            raise ConfigError(f"streaming.state_partitions: {partitions} must be at least 1")
         return cls(
             k=k,
             trigger_interval_ms=duration_ms(cfg.get_path("streaming.trigger_interval"), "streaming.trigger_interval"),
@@ -61,6 +65,7 @@ class StreamingSettings:
                 "streaming.dead_letter_trigger_interval"),
             checkpoint_dir=checkpoint,
             state_ttl_ms=duration_ms(cfg.get_path("streaming.state_ttl"), "streaming.state_ttl"),
+            state_partitions=partitions,
             exclude_purchased=bool(cfg.get_path("streaming.exclude_purchased")),
             starting_offsets=starting,
             max_offsets_per_trigger=None if cap in (None, "", 0) else int(cap),

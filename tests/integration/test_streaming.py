@@ -94,6 +94,7 @@ def own_config(cfg, folder, model: ModelArtifact):
         "streaming.checkpoint_dir": str(folder / "checkpoints"),
         "streaming.trigger_interval": "1 second", "streaming.dead_letter_trigger_interval": "1 second",
         "streaming.model_poll_interval": "1 second",
+        "streaming.state_partitions": 3,   # not the session's shuffle partitions (tests/conftest.py)
     })
     ensure_topics(own)
     ensure_table(own)
@@ -314,6 +315,17 @@ def test_replayed_events_change_nothing(scenario):
     assert latest_records(cfg) == scenario["after_run2"]
     for customer, before in scenario["table_after_run2"].items():
         assert read_table_item(cfg, customer) == before
+
+
+def test_the_state_has_the_configured_number_of_partitions(scenario):
+    """streaming.state_partitions, not the session's shuffle partitions, decides how the state is
+    partitioned, and the checkpoint keeps that number for the later runs (three runs here)."""
+    from streaming.settings import StreamingSettings
+
+    cfg = scenario["cfg"]
+    assert cfg.get_path("spark.shuffle_partitions") != 3
+    state = Path(StreamingSettings.from_config(cfg).checkpoint_dir) / "scoring" / "state" / "0"
+    assert sorted(p.name for p in state.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
 
 
 # -- hot swap ----------------------------------------------------------------------------------

@@ -162,6 +162,14 @@ def test_the_dead_letter_query_has_its_own_longer_trigger():
         StreamingSettings.from_config(cfg.with_overrides({"streaming.dead_letter_trigger_interval": "soon"}))
 
 
+def test_state_partitions_default_to_two_and_must_be_positive():
+    cfg = load_config(files=[])
+    assert StreamingSettings.from_config(cfg).state_partitions == 2
+    assert StreamingSettings.from_config(cfg.with_overrides({"streaming.state_partitions": 8})).state_partitions == 8
+    with pytest.raises(ConfigError, match="state_partitions"):
+        StreamingSettings.from_config(cfg.with_overrides({"streaming.state_partitions": 0}))
+
+
 def test_an_unforeseen_failure_becomes_a_reason_not_an_error():
     class Unreadable(bytes):
         def __len__(self):
