@@ -156,7 +156,7 @@ def test_streaming_settings_resolve_the_checkpoint_under_the_run_dir(tmp_path):
 def test_the_dead_letter_query_has_its_own_longer_trigger():
     cfg = load_config(files=[], env={"RECO__STREAMING__DEAD_LETTER_TRIGGER_INTERVAL": "30 seconds"})
     settings = StreamingSettings.from_config(cfg)
-    assert (settings.trigger_interval_ms, settings.dead_letter_trigger_interval_ms) == (2_000, 30_000)
+    assert (settings.trigger_interval_ms, settings.dead_letter_trigger_interval_ms) == (500, 30_000)
     assert StreamingSettings.from_config(load_config(files=[])).dead_letter_trigger_interval_ms == 10_000
     with pytest.raises(ConfigError, match="dead_letter_trigger_interval"):
         StreamingSettings.from_config(cfg.with_overrides({"streaming.dead_letter_trigger_interval": "soon"}))
