@@ -94,7 +94,7 @@ def recommend_candidates(base: ModelArtifact, candidates: list[Candidate], users
     indptr, indices, counts = base.user_items_of(users)
     # The ALS-based candidates share one fit, hence one fold-in of these customers.
     vectors = user_vectors(base, indptr, indices, counts) if any(
-        needs_vectors(as_candidate(base, c)) for c in candidates) else None
+        needs_vectors(c.model_type) for c in candidates) else None
     return {c.name: recommend_from_counts(as_candidate(base, c), indptr, indices, counts, k,
                                           exclude_purchased, vectors=vectors)[0] for c in candidates}
 

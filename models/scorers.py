@@ -121,9 +121,9 @@ def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None
     return scoring.top_k(users, items, k, exclude=excluded)
 
 
-def needs_vectors(artifact) -> bool:
+def needs_vectors(model_type: str) -> bool:
     """Whether the model type scores through folded-in ALS user vectors (``user_vectors``)."""
-    return artifact.model_type in ("als", "blend")
+    return model_type in ("als", "blend")
 
 
 def user_vectors(artifact, indptr, indices, counts) -> np.ndarray:

@@ -77,7 +77,7 @@ def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclud
     artifact = model.artifact
     indptr, indices, counts = purchase_counts(model, customers)
     # One fold-in per customer serves both lists.
-    vectors = scorers.user_vectors(artifact, indptr, indices, counts) if scorers.needs_vectors(artifact) else None
+    vectors = scorers.user_vectors(artifact, indptr, indices, counts) if scorers.needs_vectors(artifact.model_type) else None
     item_idx, scores, strategies = scorers.recommend_from_counts(artifact, indptr, indices, counts, k,
                                                                  exclude_purchased, segments=segments,
                                                                  vectors=vectors)
