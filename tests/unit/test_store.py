@@ -167,7 +167,15 @@ def test_from_config_resolves_a_relative_folder(cfg, tmp_path):
 
 
 def test_pointer_switch_is_atomic_for_concurrent_readers(store):
-    """Readers polling CURRENT while versions are published only ever see a whole pointer."""
+    """Readers polling CURRENT while versions are published only ever see a whole pointer.
+
+    Paced by conditions, not by how many reads fit in a time: after each of the 30 switches the
+    writer waits until the reader has completed a read that started after the switch returned,
+    and that read must name the version just made current. A starved reader thread (a loaded
+    machine) makes the test slower, never flaky.
+    """
+    import time
+
     versions = [store.write(make_artifact(seed, n_items=5, n_users=3)) for seed in range(2)]
     store.set_current(versions[0])
     pointer = store.backend.root / "CURRENT"
@@ -181,15 +189,32 @@ def test_pointer_switch_is_atomic_for_concurrent_readers(store):
             except OSError as err:   # a pointer missing even for an instant is a failure too
                 seen.append(repr(err))
 
-    thread = threading.Thread(target=reader)
+    def read_after(mark: int, timeout_s: float = 120.0):
+        """The read that started after ``mark`` reads had completed (waits for it)."""
+        deadline = time.monotonic() + timeout_s
+        while len(seen) < mark + 2:
+            assert thread.is_alive(), "the reader thread died"
+            assert time.monotonic() < deadline, f"the reader made no progress in {timeout_s:.0f} s"
+            time.sleep(0.001)
+        return seen[mark + 1]
+
+    thread = threading.Thread(target=reader, daemon=True)
     thread.start()
+    switches_seen = []
     try:
         for i in range(30):
-            store.set_current(versions[(i + 1) % 2])
+            version = versions[(i + 1) % 2]
+            store.set_current(version)
+            switches_seen.append((version, read_after(len(seen))))
     finally:
         stop.set()
         thread.join()
+    for version, raw in switches_seen:
+        assert isinstance(raw, bytes), f"a read after the switch to {version} failed: {raw}"
+        assert json.loads(raw)["version"] == version, "a read after the switch returned saw the old pointer"
     assert len(seen) > 30
+    torn = [raw for raw in seen if not isinstance(raw, bytes)]
+    assert not torn, f"{len(torn)} of {len(seen)} reads found no pointer, e.g. {torn[0]}"
     assert {json.loads(raw)["version"] for raw in seen} == set(versions)
     assert store.current_version() == versions[0]
     assert not [p for p in pointer.parent.iterdir() if p.name.startswith(".")], "temp files left behind"
