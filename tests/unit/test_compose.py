@@ -1,9 +1,9 @@
 """docker-compose.yml and the Dockerfiles, checked statically (no Docker engine is needed).
 
-With a compose binary on PATH (Debian package ``docker-compose``) the file also goes through
-``docker-compose config -q``; every other check reads the files with pyyaml, so a broken path,
-an unpinned image, a command naming a module that does not exist or an environment variable
-naming no config key fails here rather than at ``docker compose up``.
+The file goes through ``docker-compose config -q`` (Debian package ``docker-compose``, installed
+by scripts/setup.sh: a missing binary fails the test); every other check reads the files with
+pyyaml, so a broken path, an unpinned image, a command naming a module that does not exist or an
+environment variable naming no config key fails here rather than at ``docker compose up``.
 """
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ def _mounts(service: dict) -> dict[str, str]:
 
 def test_compose_file_is_valid(compose):
     binary = shutil.which("docker-compose")
-    if binary:
-        result = subprocess.run([binary, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
+    assert binary, "docker-compose is not on PATH: scripts/setup.sh installs it (Debian package docker-compose)"
+    result = subprocess.run([binary, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
     assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets", "version"} | {
         key for key in compose if key.startswith("x-")}
     assert {"kafka", "dynamodb", "init", "trainer", "streaming", "replay"} <= set(compose["services"])
