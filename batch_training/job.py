@@ -577,10 +577,7 @@ def gate_decision(cfg: Config, metrics: dict, metric: str, exclude: bool,
     lift = float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1))
     tolerance = float(cfg.get_path("batch.publish.max_drop_vs_current", 0.1))
     if metric in LOWER_IS_BETTER:
-        value = metrics.get("rmse", {}).get("test")
-        if value is None:
-            return False, f"the gate metric {metric} was not measured (explicit mode only)"
-        return True, f"test {metric} {value:.4f} (explicit mode has no popularity comparison)"
+        return _gate_rmse(cfg, metrics, metric, current)
     model = metrics[table_key]["model"][metric]
     baseline = metrics[table_key]["popularity"][metric]
     if metrics.get("selection", {}).get("model_type") == "popularity":
@@ -597,6 +594,28 @@ def gate_decision(cfg: Config, metrics: dict, metric: str, exclude: bool,
     if previous is not None:
         reason += f"; current model had {previous:.4f}"
     return True, reason
+
+
+def _gate_rmse(cfg: Config, metrics: dict, metric: str, current: dict | None) -> tuple[bool, str]:
+    """Explicit mode: no popularity model predicts counts, so the holdout RMSE is compared with the
+    current model's only. Refused when it was not measured or is not a number, or when it is more
+    than ``batch.publish.max_rmse_rise_vs_current`` (relative) above the test RMSE the current
+    model recorded; published when the current model recorded none (an implicit model, or none)."""
+    rise = float(cfg.get_path("batch.publish.max_rmse_rise_vs_current", 0.1))
+    value = (metrics.get("rmse") or {}).get("test")
+    if value is None:
+        return False, f"the gate metric {metric} was not measured (explicit mode only)"
+    if not np.isfinite(value):
+        return False, f"test {metric} {value} is not a number"
+    reason = f"test {metric} {value:.4f} (explicit mode has no popularity comparison)"
+    previous = ((current or {}).get("rmse") or {}).get("test")
+    if previous is None:
+        return True, reason + ("; the current model recorded no RMSE to compare with" if current is not None
+                               else "; no current model")
+    if value > previous * (1 + rise):
+        return False, (f"test {metric} {value:.4f} is more than {rise:.0%} above the current model's "
+                       f"{previous:.4f} (batch.publish.max_rmse_rise_vs_current)")
+    return True, reason + f"; current model had {previous:.4f}"
 
 
 def _gate_popularity(metrics: dict, metric: str, table_key: str, tolerance: float,
