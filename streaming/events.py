@@ -27,6 +27,7 @@ NOT_OBJECT = "not_object"
 NON_POSITIVE_QUANTITY = "non_positive_quantity"
 ABSURD_QUANTITY = "absurd_quantity"
 UNPARSEABLE_TIME = "unparseable_time"
+TOO_DEEP = "too_deep"
 FUTURE_TIME = "future_time"
 VALIDATION_ERROR = "validation_error"   # a failure the checks did not foresee (never expected)
 
@@ -45,6 +46,19 @@ def empty_id(name: str) -> str:
 
 def id_too_long(name: str) -> str:
     return f"id_too_long:{name}"
+
+
+def invalid_text(name: str) -> str:
+    return f"invalid_text:{name}"
+
+
+# JSON nested deeper than this is refused before parsing: Python's parser recurses per level, so
+# a deep enough value would otherwise fail on the stack, at a depth that depends on the caller.
+MAX_JSON_DEPTH = 64
+# Text that cannot be an id, a table key or a log field: control characters (C0, DEL, C1, which
+# include the ANSI terminal escapes) and lone surrogates (a "\ud800" escape decodes to one, and
+# it has no UTF-8 encoding: Arrow, Kafka and DynamoDB all refuse it).
+_BAD_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,7 @@ VALIDATED_COLUMNS = ("event_id", "customer_id", "product_id", "quantity", "event
 
 # An ISO-8601 date, optionally followed by a time: the forms fromisoformat accepts that are not
 # ISO-8601 (e.g. "20240101", week dates) are refused by this first.
-_ISO_PREFIX = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}:?\d{2})?$")
+_ISO_PREFIX = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}:?\d{2})?$", re.ASCII)
 
 
 def parse_event_time_ms(text: str) -> int | None:
@@ -99,8 +113,14 @@ def validate_value(value: bytes | None, rules: ValidationRules, reference_ms: in
     if value is None or len(value) == 0:
         return _invalid(EMPTY_VALUE)
     try:
-        document = json.loads(value)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = bytes(value).decode("utf-8")     # strict UTF-8: no UTF-16/32, no byte order mark
+    except UnicodeDecodeError:
+        return _invalid(NOT_JSON)
+    if _nested_deeper_than(text, MAX_JSON_DEPTH):
+        return _invalid(TOO_DEEP)
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
         return _invalid(NOT_JSON)
     if not isinstance(document, dict):
         return _invalid(NOT_OBJECT)
@@ -114,7 +134,7 @@ def validate_value(value: bytes | None, rules: ValidationRules, reference_ms: in
     reason = _quantity_problem(quantity, rules.max_quantity)
     if reason:
         return _invalid(reason)
-    if "event_time" not in document:
+    if document.get("event_time") is None:
         return _invalid(missing_field("event_time"))
     if not isinstance(document["event_time"], str):
         return _invalid(wrong_type("event_time"))
@@ -127,6 +147,8 @@ def validate_value(value: bytes | None, rules: ValidationRules, reference_ms: in
     if segment is not None:     # optional: a country or a store, for new customers' popularity list
         if not isinstance(segment, str):
             return _invalid(wrong_type("segment"))
+        if _BAD_TEXT.search(segment):
+            return _invalid(invalid_text("segment"))
         if len(segment) > rules.max_id_length:
             return _invalid(id_too_long("segment"))
         segment = segment.strip() or None
@@ -143,11 +165,38 @@ def _id_problem(document: dict, name: str, max_length: int) -> str | None:
     value = document[name]
     if not isinstance(value, str):
         return wrong_type(name)
+    if _BAD_TEXT.search(value):
+        return invalid_text(name)
     if not value.strip():
         return empty_id(name)
     if len(value) > max_length:
         return id_too_long(name)
     return None
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects more than ``limit`` deep (brackets inside
+    strings do not count). Hand-written: the json module has no depth limit to ask for."""
+    if text.count("[") + text.count("{") <= limit:      # the common case: cannot be that deep
+        return False
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def _quantity_problem(quantity: Any, max_quantity: int) -> str | None:
@@ -167,7 +216,11 @@ def _validate_safely(value: bytes | None, rules: ValidationRules, reference_ms: 
     """``validate_value``, with any failure it did not foresee turned into a reason: one odd
     message must never fail the micro-batch (and with it the job)."""
     try:
-        return validate_value(value, rules, reference_ms)
+        row = validate_value(value, rules, reference_ms)
+        for field in row:       # the last line of defence: text Arrow cannot encode fails the batch
+            if isinstance(field, str):
+                field.encode("utf-8")
+        return row
     except Exception as err:  # noqa: BLE001 - reported as the event's reason instead
         return _invalid(f"{VALIDATION_ERROR}:{type(err).__name__}")
 

@@ -177,3 +177,65 @@ def test_an_unforeseen_failure_becomes_a_reason_not_an_error():
 
     frame = validate_values([Unreadable(b"x"), json.dumps(GOOD).encode()], RULES, NOW_MS)
     assert list(frame["reason"]) == ["validation_error:RuntimeError", None]
+
+
+# -- hostile input (issue: a lone surrogate crash-looped the job) --------------------------------
+POISON = b'{"event_id":"s1","customer_id":"C\\ud800x","product_id":"P1","event_time":"2024-03-01T01:58:15Z"}'
+
+
+def test_a_lone_surrogate_escape_in_an_id_is_refused_not_passed_on():
+    assert validate_value(POISON, RULES, NOW_MS) == (None,) * 6 + ("invalid_text:customer_id",)
+
+
+@pytest.mark.parametrize("field", ["event_id", "customer_id", "product_id", "segment"])
+@pytest.mark.parametrize("text", ["C\x1b[31mred", "C\x00", "tab\there", "C\x7f", "C\x85", "\udfff"])
+def test_control_characters_and_surrogates_in_text_fields_are_refused(field, text):
+    assert _check(GOOD, **{field: text})[-1] == f"invalid_text:{field}"
+
+
+def test_printable_unicode_ids_are_kept():
+    assert _check(GOOD, customer_id="Zoë-東京-🛒")[1] == "Zoë-東京-🛒"
+
+
+@pytest.mark.parametrize("raw", [
+    json.dumps(GOOD).encode("utf-16"),                 # UTF-16 with its byte order mark
+    json.dumps(GOOD).encode("utf-16-le"),
+    json.dumps(GOOD).encode("utf-32"),
+    b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),      # a UTF-8 byte order mark
+    json.dumps(GOOD).encode()[:-1] + b"\xed\xa0\x80}",  # a surrogate encoded as UTF-8 bytes (CESU)
+])
+def test_values_that_are_not_plain_utf8_json_are_not_json(raw):
+    assert validate_value(raw, RULES, NOW_MS)[-1] == "not_json"
+
+
+def test_a_null_event_time_is_a_missing_field_as_documented():
+    assert _check(GOOD, event_time=None)[-1] == "missing_field:event_time"
+
+
+def test_deep_nesting_is_refused_with_its_own_reason_at_any_depth():
+    from streaming.events import MAX_JSON_DEPTH
+
+    def nested(depth: int) -> bytes:      # GOOD with an extra field nested `depth` arrays deep
+        return json.dumps(GOOD)[:-1].encode() + b', "extra": ' + b"[" * depth + b"]" * depth + b"}"
+
+    assert validate_value(nested(MAX_JSON_DEPTH - 1), RULES, NOW_MS)[-1] is None   # + the event's object
+    assert validate_value(nested(MAX_JSON_DEPTH), RULES, NOW_MS)[-1] == "too_deep"
+    assert validate_value(nested(5000), RULES, NOW_MS)[-1] == "too_deep"
+    assert _check(GOOD, extra="[" * 5000)[-1] is None                # brackets inside a string: text
+
+
+def test_the_validator_output_always_converts_to_arrow():
+    """The crash itself: Spark's mapInPandas converts the validator's output with Arrow, which
+    refuses text without a UTF-8 encoding. Every row of a hostile batch must convert."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from streaming.job import VALIDATED_COLUMNS, _validator
+
+    values = [POISON, json.dumps(GOOD).encode(), b"\xff", json.dumps({**GOOD, "segment": "\ud83d"}).encode()]
+    raw = pd.DataFrame({"key": [b"k"] * 4, "value": values, "topic": ["t"] * 4, "partition": [0] * 4,
+                        "offset": range(4), "timestamp": [pd.Timestamp(NOW_MS, unit="ms")] * 4})
+    out = next(_validator(RULES)(iter([raw])))
+    table = pa.Table.from_pandas(out[VALIDATED_COLUMNS], preserve_index=False)
+    assert table.column("reason").to_pylist() == ["invalid_text:customer_id", None, "not_json",
+                                                  "invalid_text:segment"]
