@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ MALFORMED_PRODUCT_ID = "malformed_product_id"
 NON_NUMERIC_QUANTITY = "non_numeric_quantity"
 NEGATIVE_OR_ZERO_QUANTITY = "negative_or_zero_quantity"
 UNPARSEABLE_TIME = "unparseable_time"
+FUTURE_TIME = "future_time"             # the stream's dead-letter reason for the same rule
 FILTERED_PREFIX = "filtered: "
 
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst", ".zstd")
@@ -185,7 +187,8 @@ def source_format(path: str, format: str | None = None) -> str:
 
 
 def clean(raw, mapping: ColumnMapping, filters: Sequence[str] = (),
-          max_id_length: int = MAX_ID_LENGTH):
+          max_id_length: int = MAX_ID_LENGTH, max_future_skew_ms: int | None = None,
+          reference_ms: int | None = None):
     """``(events, CleaningReport)``: valid rows in the standard schema, and the drops by reason.
 
     ``filters`` are Spark SQL conditions a row must meet (e.g. ``NOT InvoiceNo LIKE 'C%'``); they
@@ -193,8 +196,11 @@ def clean(raw, mapping: ColumnMapping, filters: Sequence[str] = (),
     result fails, as in WHERE). Then, in order: a null/empty/blank customer or product id; an id
     over ``max_id_length`` characters or holding a control character (malformed); a quantity
     that is not a finite number or is <= 0 (a missing quantity means 1); with a time column, a
-    missing or unparseable time. All counts come from one aggregation; ``events`` stays lazy
-    (cache ``raw`` first when the source is slow to read twice).
+    missing or unparseable time; with ``max_future_skew_ms`` (the stream's
+    ``streaming.max_future_skew``), a time more than that after ``reference_ms`` (default: the wall
+    clock now), counted as ``future_time``: one row dated 2099 would otherwise become the model's
+    cutoff, and the stream ignores every purchase at or before the cutoff. All counts come from
+    one aggregation; ``events`` stays lazy (cache ``raw`` first when the source is slow to read twice).
     """
     from pyspark.sql import functions as F
 
@@ -217,6 +223,10 @@ def clean(raw, mapping: ColumnMapping, filters: Sequence[str] = (),
                    (NEGATIVE_OR_ZERO_QUANTITY, quantity <= 0)]
     if mapping.event_time:
         checks.append((UNPARSEABLE_TIME, event_time.isNull()))
+        if max_future_skew_ms is not None:
+            now_ms = int(time.time() * 1000) if reference_ms is None else reference_ms
+            checks.append((FUTURE_TIME, F.unix_millis(event_time.cast("timestamp"))
+                           > F.lit(now_ms + max_future_skew_ms)))
 
     reason = F.lit(None).cast("string")
     for name, failed in reversed(checks):

@@ -21,8 +21,8 @@ import numpy as np
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
                                        scoring_artifact, select_model, without_unaffordable_knn,
                                        PARAMETER_FREE)
-from batch_training.data import aggregate, index_ids, pair_stats
-from batch_training.datasets import load_events, source_placeholders
+from batch_training.data import ColumnMapping, aggregate, clean, index_ids, pair_stats
+from batch_training.datasets import load_source, source_placeholders
 from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
                                        kfold_splits, relevant_sets, evaluate)
 from batch_training.metrics import rmse
@@ -81,6 +81,17 @@ def als_params_from_config(cfg: Config) -> AlsParams:
     return AlsParams(**values)
 
 
+def _load_events(spark, cfg: Config, data_cfg: dict):
+    """``load_events`` plus the stream's ``streaming.max_future_skew`` rule against this run's clock:
+    a future-dated row would become the cutoff, and the stream ignores purchases before it."""
+    from streaming.settings import duration_ms
+
+    raw = load_source(spark, data_cfg, source_placeholders(cfg))
+    skew_ms = duration_ms(cfg.get_path("streaming.max_future_skew"), "streaming.max_future_skew")
+    return clean(raw, ColumnMapping.from_config(data_cfg.get("columns") or {}),
+                 filters=list(data_cfg.get("filters") or []), max_future_skew_ms=skew_ms)
+
+
 def run(cfg: Config, spark=None) -> BatchResult:
     """Run the whole job as configured; raises PublishRefused when the gate keeps the current model."""
     from models.spark import build_spark
@@ -94,7 +105,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
 
     stages.start("read and clean")
     data_cfg = cfg.get_path("data")
-    events, report = load_events(spark, data_cfg, source_placeholders(cfg))
+    events, report = _load_events(spark, cfg, data_cfg)
     events = events.cache()
     if report.clean_rows == 0:
         raise ValueError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")

@@ -5,7 +5,7 @@ import gzip
 import json
 import math
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
@@ -84,6 +84,30 @@ def test_each_bad_row_is_counted_under_its_reason_and_good_rows_kept(spark, tmp_
     assert report.raw_rows == report.clean_rows + report.dropped_rows
     assert [f.simpleString() for f in events.schema.fields] == [
         "customer_id:string", "product_id:string", "quantity:double", "event_time:timestamp"]
+
+
+def test_rows_dated_beyond_the_future_skew_are_dropped_as_future_time(spark, tmp_path, caplog):
+    """One row dated 2099 must not become the model's cutoff (the stream would ignore every purchase)."""
+    from batch_training.data import FUTURE_TIME
+    from streaming.events import FUTURE_TIME as STREAM_FUTURE_TIME
+
+    soon = (datetime.now(timezone.utc) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    path = _write_csv(tmp_path / "t.csv", ["f1,C5,P5,1,2099-01-01T00:00:00Z", f"f2,C5,P6,1,{soon}",
+                                           "f3,C6,P5,1,2025-03-04T10:21:07Z", "f4,C6,P6,1,junk"])
+    raw = read_raw(spark, SourceSpec(path=path, columns=MAPPING))
+
+    events, report = clean(raw, MAPPING, max_future_skew_ms=86_400_000)   # against the wall clock
+    assert FUTURE_TIME == STREAM_FUTURE_TIME == "future_time"
+    assert {(r.customer_id, r.product_id) for r in events.collect()} == {("C5", "P6"), ("C6", "P5")}
+    assert (report.dropped_by_reason["unparseable_time"], report.dropped_by_reason["future_time"]) == (1, 1)
+    assert list(report.dropped_by_reason)[-2:] == ["unparseable_time", "future_time"]
+    assert any(r.getMessage() == "cleaning: dropped future_time: 1 (25.0%)" for r in caplog.records)
+
+    reference_ms = int(datetime(2025, 3, 4, 10, 21, 7, tzinfo=timezone.utc).timestamp() * 1000)
+    _, at_reference = clean(raw, MAPPING, max_future_skew_ms=0, reference_ms=reference_ms)
+    assert (at_reference.clean_rows, at_reference.dropped_by_reason["future_time"]) == (1, 2)
+    _, unchecked = clean(raw, MAPPING)
+    assert "future_time" not in unchecked.dropped_by_reason and unchecked.clean_rows == 3
 
 
 def test_report_lines_use_thousands_separators():
