@@ -17,9 +17,14 @@ from typing import Any, Optional
 import numpy as np
 
 from models import scoring
+from models.scorers import MODEL_TYPES
 
 MODEL_TYPES_WITH_FACTORS = ("als", "blend")   # scored from factors (models.scorers)
 VERSION_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+# The clock-skew allowance for a model's cutoff_time: how far it may lie ahead of the clock of
+# whoever checks it (the store on write and load, the stream before serving). See
+# future_cutoff_problem for why one day.
+CUTOFF_SKEW_ALLOWANCE_MS = 86_400_000
 
 
 class ModelValidationError(ValueError):
@@ -131,8 +136,9 @@ class ModelArtifact:
         _check(isinstance(self.version, str) and VERSION_PATTERN.match(self.version) is not None,
                f"version {self.version!r} must be 1-128 letters, digits, '.', '_' or '-' "
                "(use models.artifact.new_version())")
-        _check(isinstance(self.model_type, str) and bool(self.model_type),
-               f"model_type must be a non-empty string, got {self.model_type!r}")
+        _check(isinstance(self.model_type, str) and self.model_type in MODEL_TYPES,
+               f"model_type {self.model_type!r} is not a known scorer: use one of {MODEL_TYPES} "
+               "(models.scorers.MODEL_TYPES)")
         self._validate_ids()
         self._validate_factors()
         _check(self.popularity.shape == (self.n_items,),
@@ -165,6 +171,10 @@ class ModelArtifact:
         for name, matrix in (("item_factors", items), ("user_factors", users)):
             _check(matrix.dtype == np.float32, f"{name} must be float32, got {matrix.dtype}")
             _check(bool(np.all(np.isfinite(matrix))), f"{name} contains NaN or infinite values")
+            # All-zero factors score every product 0: the lists would be arbitrary, not personal.
+            _check(self.model_type not in MODEL_TYPES_WITH_FACTORS or matrix.size == 0 or bool(np.any(matrix)),
+                   f"{name} are all zero: the {self.model_type!r} model would rank every product alike; "
+                   "the training failed (check the ALS parameters and the input counts); retrain")
         declared = self.params.get("rank")
         _check(declared is None or self.rank == 0 or int(declared) == self.rank,
                f"params rank {declared} differs from the factors' rank {self.rank}")
@@ -195,6 +205,35 @@ class ModelArtifact:
         for name in ("cutoff_time", "created_at"):
             value = getattr(self, name)
             _check(value is None or _is_iso_time(value), f"{name} {value!r} is not an ISO-8601 time")
+        problem = future_cutoff_problem(self.cutoff_time)
+        _check(problem is None, problem or "")
+
+
+def future_cutoff_problem(cutoff_time: Optional[str], now: Optional[datetime] = None) -> Optional[str]:
+    """Why ``cutoff_time`` cannot be served (more than CUTOFF_SKEW_ALLOWANCE_MS after ``now``,
+    default the wall clock), or None; an absent or unreadable time is left to the other checks.
+
+    The stream takes every purchase at or before the cutoff as already in the model, so a future
+    cutoff silences it until then. The allowance is one day, the stream's own for event times (the
+    default ``streaming.max_future_skew``, which the batch job's cleaning applies too): a model
+    trained on rows that rule admits is accepted, a cutoff the stream would dead-letter as an event
+    time is refused. It is a constant rather than a setting so that the store (which has no
+    streaming settings) and the stream judge a model alike; raise it if ``streaming.max_future_skew``
+    is raised above one day, or the store refuses models whose rows the cleaning let through.
+    """
+    if not cutoff_time or not _is_iso_time(cutoff_time):
+        return None
+    cutoff = datetime.fromisoformat(str(cutoff_time).replace("Z", "+00:00"))
+    if cutoff.tzinfo is None:
+        cutoff = cutoff.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    ahead_ms = (cutoff - now).total_seconds() * 1000
+    if ahead_ms <= CUTOFF_SKEW_ALLOWANCE_MS:
+        return None
+    return (f"cutoff_time {cutoff_time!r} lies {ahead_ms / 86_400_000:,.1f} days in the future (clock "
+            f"{now:%Y-%m-%dT%H:%M:%SZ}, allowed skew {CUTOFF_SKEW_ALLOWANCE_MS / 3_600_000:g} h), so the stream "
+            "would ignore every purchase until then: the training data has future-dated rows; drop them "
+            "(the batch job does, by streaming.max_future_skew) and retrain")
 
 
 def _factor_matrix(matrix, n_rows: int) -> np.ndarray:

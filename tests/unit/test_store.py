@@ -218,3 +218,86 @@ def test_pointer_switch_is_atomic_for_concurrent_readers(store):
     assert {json.loads(raw)["version"] for raw in seen} == set(versions)
     assert store.current_version() == versions[0]
     assert not [p for p in pointer.parent.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+# -- models that would mislead the stream ---------------------------------------------------------
+FUTURE_CUTOFF = "2099-01-01T00:00:00.000Z"
+
+
+def _future_cutoff(artifact: ModelArtifact) -> None:
+    artifact.cutoff_time = FUTURE_CUTOFF
+
+
+def _bogus_model_type(artifact: ModelArtifact) -> None:
+    artifact.model_type = "mystery"
+
+
+def _zero_item_factors(artifact: ModelArtifact) -> None:
+    artifact.item_factors = np.zeros_like(artifact.item_factors)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_future_cutoff, "cutoff_time '2099-01-01T00:00:00.000Z' .* in the future"),
+    (_bogus_model_type, "model_type 'mystery' .* not a known scorer"),
+    (_zero_item_factors, "item_factors are all zero"),
+])
+def test_a_model_that_would_mislead_the_stream_is_neither_written_nor_published(store, spoil, message):
+    artifact = make_artifact(50)
+    spoil(artifact)
+    with pytest.raises(ModelStoreError, match=f"version '{artifact.version}'.*{message}"):
+        store.write(artifact)
+    with pytest.raises(ModelStoreError, match=f"version '{artifact.version}'.*{message}"):
+        store.publish(artifact)
+    assert store.list_versions() == [] and store.current_version() is None
+
+
+def test_a_cutoff_within_the_clock_skew_allowance_is_accepted(store):
+    artifact = make_artifact(51)
+    soon = datetime.now(timezone.utc) + timedelta(minutes=5)
+    artifact.cutoff_time = soon.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    store.publish(artifact)
+    assert store.load().cutoff_time == artifact.cutoff_time
+
+
+def _rewrite_metadata(folder, **fields) -> None:
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata.update(fields)
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def _tamper_cutoff(folder) -> None:
+    _rewrite_metadata(folder, cutoff_time=FUTURE_CUTOFF)
+
+
+def _tamper_model_type(folder) -> None:
+    _rewrite_metadata(folder, model_type="mystery")
+
+
+def _tamper_zero_factors(folder) -> None:
+    """Zero item factors with a matching size and checksum: only the content check can see it."""
+    import hashlib
+
+    path = folder / "item_factors.npy"
+    zeros = np.zeros_like(np.load(path))
+    np.save(path, zeros)
+    data = path.read_bytes()
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["files"]["item_factors.npy"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (_tamper_cutoff, "cutoff_time '2099-01-01T00:00:00.000Z' .* in the future"),
+    (_tamper_model_type, "model_type 'mystery' .* not a known scorer"),
+    (_tamper_zero_factors, "item_factors are all zero"),
+])
+def test_a_tampered_version_is_neither_loaded_nor_made_current(store, tamper, message):
+    good, bad = make_artifact(52), make_artifact(53)
+    store.publish(good)
+    store.write(bad)
+    tamper(_version_dir(store, bad.version))
+    with pytest.raises(ModelLoadError, match=f"version {bad.version}.*{message}"):
+        store.load(bad.version)
+    with pytest.raises(ModelLoadError, match=f"refusing to make version {bad.version} current.*{message}"):
+        store.set_current(bad.version)
+    assert store.current_version() == good.version
