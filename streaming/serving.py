@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from models import scorers
-from models.artifact import ModelArtifact
+from models.artifact import ModelArtifact, future_cutoff_problem
 from models.recency import decay_weights
 from streaming.state import iso_to_ms
 
@@ -74,6 +74,11 @@ class ServingModel:
         except ValueError:
             raise ModelNotServable(f"model {artifact.version} has an unreadable cutoff_time "
                                    f"{artifact.cutoff_time!r}") from None
+        # Checked here too, not only by the store: every purchase before the cutoff is taken as
+        # already in the model, so serving a future cutoff would silence the stream until then.
+        future = future_cutoff_problem(artifact.cutoff_time)
+        if future is not None:
+            raise ModelNotServable(f"model {artifact.version} is refused: {future}")
         half_life = params.get("recency_half_life_days")
         reference = params.get("recency_reference_ms", cutoff_ms)
         if half_life is not None and reference is None:

@@ -1,0 +1,63 @@
+"""ServingModel.prepare and the holder: a model whose cutoff lies in the future is never served."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from models.artifact import ModelArtifact
+from streaming.serving import ModelHolder, ModelNotServable, ServingModel
+
+PAST_CUTOFF = "2025-01-01T00:00:00.000Z"
+FUTURE_CUTOFF = "2099-01-01T00:00:00.000Z"
+
+
+def model(version: str = "v1", cutoff_time: str | None = PAST_CUTOFF) -> ModelArtifact:
+    """A small ALS model, built without validate() so a future cutoff reaches prepare()."""
+    rng = np.random.default_rng(1)
+    return ModelArtifact(
+        version=version, model_type="als", item_ids=[f"P{i}" for i in range(6)],
+        item_factors=rng.normal(size=(6, 3)).astype(np.float32), user_ids=["K1", "K2"],
+        user_factors=rng.normal(size=(2, 3)).astype(np.float32), popularity=[5, 9, 1, 7, 3, 2],
+        user_items_indptr=[0, 2, 3], user_items_indices=[0, 2, 5], user_items_counts=[2, 1, 4],
+        params={"rank": 3, "reg_param": 0.1, "alpha": 1.0, "implicit_prefs": True, "scaling": "none"},
+        cutoff_time=cutoff_time)
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def test_a_future_cutoff_is_not_servable():
+    with pytest.raises(ModelNotServable, match=r"model v9 is refused: cutoff_time '2099-01-01T00:00:00.000Z'.*in the future"):
+        ServingModel.prepare(model("v9", FUTURE_CUTOFF))
+
+
+def test_a_cutoff_within_the_clock_skew_allowance_is_served():
+    soon = iso(datetime.now(timezone.utc) + timedelta(minutes=5))
+    assert ServingModel.prepare(model(cutoff_time=soon)).artifact.cutoff_time == soon
+
+
+class OneVersionStore:
+    """A store whose current version is whatever ``current`` holds (load skips the store's checks)."""
+
+    def __init__(self, *artifacts: ModelArtifact):
+        self.artifacts = {a.version: a for a in artifacts}
+        self.current = artifacts[0].version
+
+    def current_version(self) -> str:
+        return self.current
+
+    def load(self, version: str) -> ModelArtifact:
+        return self.artifacts[version]
+
+
+def test_the_holder_keeps_serving_the_old_model_when_the_new_cutoff_is_in_the_future(caplog):
+    store = OneVersionStore(model("v1"), model("v2", FUTURE_CUTOFF))
+    holder = ModelHolder(store, poll_ms=0)
+    assert holder.current().version == "v1"
+    store.current = "v2"
+    assert holder.current().version == "v1"
+    assert "v2" in holder.refused
+    assert any("REFUSED model v2" in r.getMessage() and "in the future" in r.getMessage() for r in caplog.records)
