@@ -4,6 +4,7 @@ Layout under the root::
 
     versions/<version>/item_factors.npy, user_factors.npy, items.parquet, users.parquet,
                        user_items.parquet, metadata.json
+                       published.json (once made current: {"version", "published_at"})
     CURRENT            {"version": ..., "published_at": ...}
 
 ``metadata.json`` is written last and lists every other file with its size and sha256, so a
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "metadata.json"
 POINTER = "CURRENT"
+PUBLISHED = "published.json"     # written into a version's folder when it is made current
 VERSIONS = "versions"
 FORMAT_VERSION = 1
 
@@ -204,6 +206,9 @@ class ModelStore:
         except ModelLoadError as err:
             raise ModelLoadError(f"refusing to make version {version} current in {self.uri}: {err}") from err
         pointer = {"version": version, "published_at": utc_now_iso()}
+        # The version's own record that it was published (the gate may have written versions it
+        # refused): the streaming job falls back only to such versions.
+        self.backend.put_bytes(f"{VERSIONS}/{version}/{PUBLISHED}", json.dumps(pointer).encode())
         self.backend.put_bytes(POINTER, json.dumps(pointer).encode())
         log.info("model version %s is now current in %s", version, self.uri)
 
@@ -239,6 +244,15 @@ class ModelStore:
         """Versions with metadata (oldest first: names sort by creation time)."""
         return sorted(v for v in self.backend.list(VERSIONS)
                       if self.backend.exists(f"{VERSIONS}/{v}/{METADATA}"))
+
+    def published_versions(self) -> list[str]:
+        """Versions that were made current at some point (oldest first), whether or not they still are."""
+        return [v for v in self.list_versions() if self.backend.exists(f"{VERSIONS}/{v}/{PUBLISHED}")]
+
+    def version_fingerprint(self, version: str) -> tuple:
+        """Cheap tags (no download) of every file of ``version``: they change when a file is rewritten."""
+        folder = f"{VERSIONS}/{version}"
+        return tuple((name, self.backend.tag(f"{folder}/{name}")) for name in self.backend.list(folder))
 
     def load_metadata(self, version: str) -> dict:
         """The parsed metadata.json of ``version`` (no file verification)."""

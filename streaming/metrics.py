@@ -32,6 +32,7 @@ class RefreshFigures:
     new_events: int = 0
     duplicate_events: int = 0
     before_cutoff_events: int = 0
+    unscored_events: int = 0           # purchases received but not scored (no model, or none servable)
     model_version: str | None = None
     refresh_ms: float = 0.0            # the whole foreachBatch, of which:
     state_ms: float = 0.0              #   running the batch up to the state (validation, state store)
@@ -54,6 +55,7 @@ class BatchReport:
     new_events: int = 0
     duplicate_events: int = 0
     before_cutoff_events: int = 0
+    unscored_events: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     model_version: str | None = None
@@ -70,7 +72,7 @@ class BatchReport:
                    f"p50 {self.latency_p50_ms:,.0f} ms p95 {self.latency_p95_ms:,.0f} ms")
         return (f"scoring batch {self.batch_id}: {self.input_rows:,} input rows, {self.invalid_rows:,} invalid, "
                 f"{self.new_events:,} new purchases ({self.duplicate_events:,} duplicates, "
-                f"{self.before_cutoff_events:,} before the model cutoff), "
+                f"{self.before_cutoff_events:,} before the model cutoff, {self.unscored_events:,} not scored), "
                 f"{self.customers_refreshed:,} customers refreshed, batch {self.duration_ms:,} ms "
                 f"(state {self.state_ms:,.0f}, scoring {self.score_ms:,.0f}, writing {self.write_ms:,.0f}), "
                 f"event-to-output latency {latency}, model {self.model_version}")
@@ -88,7 +90,8 @@ class StreamMetrics:
         self._latency_count = 0
         self._latency_reservoir = latency_reservoir
         self.totals = {"input_rows": 0, "invalid_rows": 0, "customers_refreshed": 0, "new_events": 0,
-                       "duplicate_events": 0, "dead_lettered": 0, "batches": 0}
+                       "duplicate_events": 0, "before_cutoff_events": 0, "unscored_events": 0,
+                       "dead_lettered": 0, "batches": 0}
         self.started = time.time()
 
     def record_refresh(self, batch_id: int, figures: RefreshFigures) -> None:
@@ -127,6 +130,7 @@ class StreamMetrics:
                     report.new_events = figures.new_events
                     report.duplicate_events = figures.duplicate_events
                     report.before_cutoff_events = figures.before_cutoff_events
+                    report.unscored_events = figures.unscored_events
                     report.model_version = figures.model_version
                     report.state_ms, report.score_ms, report.write_ms = figures.state_ms, figures.score_ms, figures.write_ms
                     if len(figures.latencies_ms):
@@ -141,7 +145,8 @@ class StreamMetrics:
 
     def _add_totals(self, report: BatchReport) -> None:
         self.totals["batches"] += 1
-        for name in ("input_rows", "invalid_rows", "customers_refreshed", "new_events", "duplicate_events"):
+        for name in ("input_rows", "invalid_rows", "customers_refreshed", "new_events", "duplicate_events",
+                     "before_cutoff_events", "unscored_events"):
             self.totals[name] += getattr(report, name)
 
     def latency_percentiles(self, percentiles=(50, 95, 99), since_ms: int | None = None) -> dict[str, float] | None:

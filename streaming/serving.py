@@ -1,10 +1,9 @@
 """The model the streaming job serves, and its hot swap at micro-batch boundaries.
 
-The driver holds one ``ServingModel``. Before each micro-batch is scored it checks (at most every
-``model_poll_interval``, or at once when the state already applied a newer cutoff) whether the
-store's current version changed; a new version is loaded, verified and checked for serving, and
+The driver holds one ``ServingModel``. Before each micro-batch runs it checks (at most every
+``model_poll_interval``) whether the store's current version changed; a new version is loaded, verified and checked for serving, and
 only then replaces the old one. A version that fails is refused with one clear error line and the
-old model keeps serving; it is tried again only when the pointer moves on.
+old model keeps serving; it is tried again when its files change or the pointer moves on.
 """
 from __future__ import annotations
 
@@ -105,7 +104,14 @@ class ServingModel:
 
 
 class ModelHolder:
-    """The current ServingModel, refreshed from the store at micro-batch boundaries."""
+    """The current ServingModel, refreshed from the store at micro-batch boundaries.
+
+    - A version that fails is refused and remembered with a fingerprint of its files; it is tried
+      again only when its files change (repaired in place) or the pointer moves on.
+    - With nothing served yet and the pointer's version refused (a corrupt model at start-up),
+      the newest other *published* version that verifies is served, with an ERROR saying so;
+      the pointer's next move is followed as usual.
+    """
 
     def __init__(self, store, poll_ms: int, default_count_mode: str = "rows",
                  clock: Callable[[], float] = time.monotonic):
@@ -114,22 +120,21 @@ class ModelHolder:
         self.default_count_mode = default_count_mode
         self.clock = clock
         self.model: ServingModel | None = None
-        self.refused: set[str] = set()
+        self.refused: dict[str, tuple] = {}      # version -> fingerprint of its files when refused
         self.swaps = 0
         self._checked_at: float | None = None
+        self._absence = "the store was not read yet"
 
-    def current(self, state_cutoff_ms: int | None = None) -> ServingModel | None:
-        """The model to score the next micro-batch with (polling the store when due).
-
-        ``state_cutoff_ms`` is the newest cutoff the state already applied; a newer one than the
-        serving model's means a model was published since the last poll: look now.
-        """
-        newer_in_state = (state_cutoff_ms is not None and self.model is not None
-                          and (self.model.cutoff_ms is None or state_cutoff_ms > self.model.cutoff_ms))
+    def current(self) -> ServingModel | None:
+        """The model to score the next micro-batch with (polling the store when due)."""
         due = self._checked_at is None or (self.clock() - self._checked_at) * 1000 >= self.poll_ms
-        if due or newer_in_state or self.model is None:
+        if due or self.model is None:
             self.poll()
         return self.model
+
+    def describe_absence(self) -> str:
+        """Why nothing is served, for the per-batch warning."""
+        return self._absence
 
     def poll(self) -> bool:
         """Look at the store's pointer; load, check and swap in a new version. True on a swap."""
@@ -137,27 +142,78 @@ class ModelHolder:
         try:
             version = self.store.current_version()
         except Exception as err:  # noqa: BLE001 - a store outage must not stop the stream
+            self._absence = f"the model pointer cannot be read: {err}"
             log.error("cannot read the current model pointer from %s (%s); still serving %s",
                       self.store, err, self.model.version if self.model else "no model")
             return False
         if version is None:
-            if self.model is None:
-                log.warning("no model published in %s yet: purchases are kept in the state and "
-                            "customers are scored once the batch job publishes one", self.store)
+            self._report_missing_pointer()
             return False
-        if (self.model is not None and version == self.model.version) or version in self.refused:
+        if self.model is not None and version == self.model.version:
             return False
-        return self._swap_to(version)
+        if version in self.refused and self.refused[version] == self._fingerprint(version):
+            return False
+        if self._swap_to(version):
+            return True
+        if self.model is None:
+            return self._fall_back(refused=version)
+        return False
+
+    def _report_missing_pointer(self) -> None:
+        try:
+            versions = self.store.list_versions()
+        except Exception:  # noqa: BLE001 - only the wording of the warning depends on it
+            versions = []
+        if versions:
+            self._absence = (f"the CURRENT pointer of {self.store} is missing although {len(versions)} "
+                             f"version(s) exist (newest {versions[-1]}); publish a model again to restore it")
+        else:
+            self._absence = f"no model published in {self.store} yet; run the batch job to publish one"
+        if self.model is not None:
+            log.warning("%s; still serving %s", self._absence, self.model.version)
+        else:
+            log.warning("%s: purchases are kept in the state and scored once a model is served", self._absence)
+
+    def _fall_back(self, refused: str) -> bool:
+        """Serve the newest other published version that verifies (nothing is served yet)."""
+        for version in reversed(self._published_versions()):
+            if version == refused or version in self.refused:
+                continue
+            if self._swap_to(version):
+                log.error("FALLBACK: the current model %s of %s is refused, so the newest published version "
+                          "that verifies, %s, is served instead; publish a good model (or repair %s) to "
+                          "serve it", refused, self.store, version, refused)
+                return True
+        self._absence = (f"the current model {refused} is refused and no other published version of "
+                         f"{self.store} verifies")
+        return False
+
+    def _published_versions(self) -> list[str]:
+        try:
+            return self.store.published_versions()
+        except Exception as err:  # noqa: BLE001 - no fallback then, said by the caller
+            log.error("cannot list the published versions of %s: %s", self.store, err)
+            return []
+
+    def _fingerprint(self, version: str) -> tuple:
+        try:
+            return self.store.version_fingerprint(version)
+        except Exception:  # noqa: BLE001 - an unreadable version keeps its last fingerprint
+            return self.refused.get(version, ())
 
     def _swap_to(self, version: str) -> bool:
         started = time.perf_counter()
+        fingerprint = self._fingerprint(version)
         try:
             candidate = ServingModel.prepare(self.store.load(version), self.default_count_mode)
         except Exception as err:  # noqa: BLE001 - any broken model is refused, never served
-            self.refused.add(version)
-            log.error("REFUSED model %s from %s: %s; still serving %s", version, self.store, err,
+            self.refused[version] = fingerprint
+            self._absence = f"model {version} is refused: {err}"
+            log.error("REFUSED model %s from %s: %s; still serving %s (it is tried again when its files "
+                      "change)", version, self.store, err,
                       self.model.version if self.model else "no model (popularity needs a model too)")
             return False
+        self.refused.pop(version, None)
         previous = self.model.version if self.model else None
         self.model = candidate
         self.swaps += 1

@@ -9,8 +9,9 @@ frame per customer.
 
 - Keyed by event id inside the arrays, a replayed event (same ``event_id``) finds itself already
   there and is not counted twice, including after a crash and restart from the checkpoint.
-- Each purchase keeps its event time, so when a new model is published the purchases at or
-  before its cutoff (already in the model's training data) are dropped.
+- Each purchase keeps its event time, so when a new model is served the purchases at or before
+  its cutoff (already in the model's training data) are dropped. The cutoff is the one of the
+  model the driver serves for the batch (streaming/served.py), never an unverified one.
 - Each purchase expires ``state_ttl`` after it arrived: the expired ones are dropped whenever the
   customer is next seen (``expire``), and the whole value carries the state API's TTL of
   ``state_ttl`` from its last update, so the state of a customer who stops buying goes away
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterable, Iterator
@@ -161,45 +161,6 @@ def iso_to_ms(text: str | None) -> int | None:
     return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000)
 
 
-class CutoffSource:
-    """The current model's data cutoff (epoch ms), read from the model store's CURRENT pointer.
-
-    Runs in the Spark Python workers: it holds only the (picklable) config and re-reads the
-    pointer at most every ``poll_ms``, caching per worker process. A store that cannot be read
-    keeps the last known cutoff (purchases are then kept a little longer, never lost).
-    """
-
-    _cache: dict[str, tuple[float, int | None]] = {}
-
-    def __init__(self, cfg: dict, poll_ms: int):
-        self.cfg = cfg
-        self.poll_ms = poll_ms
-
-    def cutoff_ms(self) -> int | None:
-        from models.config import Config
-
-        key = str(Config(self.cfg).text("model_store.uri"))
-        checked_at, cutoff = self._cache.get(key, (0.0, None))
-        if (time.monotonic() - checked_at) * 1000 < self.poll_ms and checked_at:
-            return cutoff
-        try:
-            cutoff = self._read()
-        except Exception as err:  # noqa: BLE001 - the store being away must not fail the batch
-            log.warning("cannot read the current model's cutoff from the store (%s); keeping %s", err, cutoff)
-        self._cache[key] = (time.monotonic(), cutoff)
-        return cutoff
-
-    def _read(self) -> int | None:
-        from models.config import Config
-        from models.store import ModelStore
-
-        store = ModelStore.from_config(Config(self.cfg))
-        version = store.current_version()
-        if version is None:
-            return None
-        return iso_to_ms(store.load_metadata(version).get("cutoff_time"))
-
-
 def _processor_base():
     from pyspark.sql.streaming import StatefulProcessor
 
@@ -210,19 +171,25 @@ class PurchaseStateProcessor(_processor_base()):
     """The StatefulProcessor of the scoring query (Row-based ``transformWithState``; one instance
     per partition and batch)."""
 
-    def __init__(self, ttl_ms: int, cutoff_source: CutoffSource):
+    def __init__(self, ttl_ms: int):
         self.ttl_ms = ttl_ms
-        self.cutoff_source = cutoff_source
 
     def init(self, handle) -> None:
+        # Also called once on the driver to learn the state schema: the cutoff is read lazily,
+        # from the first task's properties (streaming/served.py), once per partition and batch.
         self.purchases = handle.getValueState(STATE_VARIABLE, STATE_SCHEMA, self.ttl_ms)
+        self._cutoff_ms: tuple[int | None] | None = None
 
     def handleInputRows(self, key, rows, timerValues) -> Iterator:
         now_ms = timerValues.getCurrentProcessingTimeInMs()    # the batch's time: the same on a replay
         stored = self.purchases.get()
         held, arrived = held_from_state(stored)
         expire(held, arrived, now_ms, self.ttl_ms)
-        cutoff_ms = self.cutoff_source.cutoff_ms()
+        if self._cutoff_ms is None:
+            from streaming.served import served_cutoff_ms
+
+            self._cutoff_ms = (served_cutoff_ms(),)     # the driver's verified model for this batch
+        cutoff_ms = self._cutoff_ms[0]
         merge = merge_purchases(held, rows, cutoff_ms)
         for event_id in merge.added:
             arrived[event_id] = now_ms
