@@ -130,15 +130,26 @@ def build_records(customer_ids: Sequence[str], item_idx: np.ndarray, scores: np.
     return records
 
 
+class SinkError(RuntimeError):
+    """A sink stayed unreachable longer than the outage tolerance (the message says which and why)."""
+
+
 @dataclass
 class WriteSummary:
     topic_records: int = 0
     table_written: int = 0
     table_skipped_stale: int = 0
+    attempts: int = 1
 
     def __str__(self) -> str:
         return (f"{self.topic_records:,} records to the topic, {self.table_written:,} table items written, "
-                f"{self.table_skipped_stale:,} skipped as older than the stored one")
+                f"{self.table_skipped_stale:,} skipped as older than the stored one"
+                + (f" ({self.attempts} attempts)" if self.attempts > 1 else ""))
+
+
+# Backoff between write attempts during an outage: doubling from the first, capped.
+RETRY_FIRST_S = 0.5
+RETRY_CAP_S = 30.0
 
 
 class RecordWriter:
@@ -176,20 +187,76 @@ class RecordWriter:
                           aws_secret_access_key=self.cfg.get_path("aws.secret_access_key", "local"))
         return boto3.resource("dynamodb", **kwargs).Table(self.table_name)
 
-    def write(self, records: Iterable[RecommendationRecord]) -> WriteSummary:
+    def write(self, records: Iterable[RecommendationRecord], outage_tolerance_s: float = 0.0,
+              label: str = "records", sleep=time.sleep) -> WriteSummary:
+        """Write every record to each sink. What fails is re-sent alone (never the records already
+        written), after a capped exponential backoff with a WARNING per attempt, for as long as the
+        failures last less than ``outage_tolerance_s``; past it, SinkError."""
         records = list(records)
-        summary = WriteSummary()
-        if self._producer is not None:
-            for record in records:
-                self._producer.send(self.topic, key=record.customer_id.encode(), value=record.to_json_bytes())
+        summary = WriteSummary(attempts=0)
+        pending_topic = records if self._producer is not None else []
+        pending_table = records if self._table is not None else []
+        first_failure: float | None = None
+        while True:
+            summary.attempts += 1
+            topic_failed, topic_error = self._send_to_topic(pending_topic)
+            summary.topic_records += len(pending_topic) - len(topic_failed)
+            table_failed, table_error = self._put_in_table(pending_table, summary)
+            if not topic_failed and not table_failed:
+                return summary
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            failing = now - first_failure
+            problems = "; ".join(f"{sink}: {len(failed):,} failed ({_describe(error)})" for sink, failed, error in
+                                 (("topic", topic_failed, topic_error), ("table", table_failed, table_error))
+                                 if failed)
+            if failing >= outage_tolerance_s:
+                raise SinkError(f"{label}: writing failed for {failing:.0f} s, past the outage tolerance of "
+                                f"{outage_tolerance_s:.0f} s (streaming.sink_outage_tolerance): {problems}")
+            delay = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** (summary.attempts - 1), outage_tolerance_s - failing)
+            log.warning("%s: %s; attempt %d failed, retrying only those in %.1f s (failing for %.0f s of the "
+                        "%.0f s tolerated)", label, problems, summary.attempts, delay, failing, outage_tolerance_s)
+            sleep(delay)
+            pending_topic, pending_table = topic_failed, table_failed
+
+    def _send_to_topic(self, records: list[RecommendationRecord]) -> tuple[list, Exception | None]:
+        """Send and flush; returns the records not acknowledged and the first error seen."""
+        if not records:
+            return [], None
+        sent, failed, error = [], [], None
+        for position, record in enumerate(records):
+            try:
+                sent.append((record, self._producer.send(self.topic, key=record.customer_id.encode(),
+                                                         value=record.to_json_bytes())))
+            except Exception as err:  # noqa: BLE001 - metadata or buffer timeout: the broker is away
+                failed, error = records[position:], err
+                break
+        try:
             self._producer.flush(timeout=60)
-            summary.topic_records = len(records)
-        if self._table is not None and records:
-            with ThreadPoolExecutor(self.threads) as pool:
-                outcomes = list(pool.map(self._put_if_newer, records))
-            summary.table_written = sum(outcomes)
-            summary.table_skipped_stale = len(outcomes) - summary.table_written
-        return summary
+        except Exception as err:  # noqa: BLE001 - the unacknowledged ones are found below
+            error = error or err
+        for record, future in sent:
+            if not (future.is_done and future.succeeded()):
+                failed.append(record)
+                error = error or (future.exception if future.is_done else TimeoutError("not acknowledged"))
+        return failed, error
+
+    def _put_in_table(self, records: list[RecommendationRecord], summary: WriteSummary) -> tuple[list, Exception | None]:
+        """Conditional puts in parallel; returns the records that failed and the first error."""
+        if not records:
+            return [], None
+        with ThreadPoolExecutor(self.threads) as pool:
+            outcomes = list(pool.map(self._put_safely, records))
+        failed = [record for record, outcome in zip(records, outcomes) if isinstance(outcome, Exception)]
+        summary.table_written += sum(outcome is True for outcome in outcomes)
+        summary.table_skipped_stale += sum(outcome is False for outcome in outcomes)
+        return failed, next((o for o in outcomes if isinstance(o, Exception)), None)
+
+    def _put_safely(self, record: RecommendationRecord) -> bool | Exception:
+        try:
+            return self._put_if_newer(record)
+        except Exception as err:  # noqa: BLE001 - collected and retried by write()
+            return err
 
     def _put_if_newer(self, record: RecommendationRecord) -> bool:
         """Conditional put: only if the table holds nothing for the customer or something older."""
@@ -210,6 +277,14 @@ class RecordWriter:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=30)
+
+
+def _describe(error: Exception | None) -> str:
+    """An error in one line (the type and its first line: SDK messages name hosts, never secrets)."""
+    if error is None:
+        return "no error reported"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def read_table_item(cfg: Config, customer_id: str) -> dict | None:

@@ -7,7 +7,8 @@
    micro-batch has a fixed cost the scoring query would otherwise share its cores with.
 2. ``reco-scoring``: validate -> valid rows -> per-customer purchase state
    (``transformWithState``, RocksDB state store, streaming/state.py) -> ``foreachBatch``
-   on the driver: refresh the customers with new purchases against the current model
+   on the driver: pick the model for the batch (handed to the state's tasks, streaming/served.py),
+   refresh the customers with new purchases against it
    (streaming/refresh.py) and write their records with the one writer of both jobs
    (models.records.RecordWriter: the recommendations topic and the newest-wins DynamoDB table).
 
@@ -27,14 +28,15 @@ import numpy as np
 import pandas as pd
 
 from models.config import Config
-from models.records import RecordWriter, now_ms
+from models.records import RecordWriter, SinkError, now_ms
 from streaming.events import ValidationRules, validate_values
 from streaming.metrics import (DEAD_LETTER_QUERY, SCORING_QUERY, VALIDATION_OBSERVATION, RefreshFigures,
                                StreamMetrics, make_listener)
 from streaming.refresh import records_for, score_customers
+from streaming.served import hand_to_executors
 from streaming.serving import ModelHolder
 from streaming.settings import StreamingSettings
-from streaming.state import INPUT_COLUMNS, OUTPUT_SCHEMA, CutoffSource, PurchaseStateProcessor
+from streaming.state import INPUT_COLUMNS, OUTPUT_SCHEMA, PurchaseStateProcessor
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ HEADER_TOPIC = "dlq.source.topic"
 HEADER_PARTITION = "dlq.source.partition"
 HEADER_OFFSET = "dlq.source.offset"
 HEADER_TIMESTAMP = "dlq.source.timestamp_ms"
-WRITE_ATTEMPTS = 5
 # Spark's state server logs a WARN for every get() of a ValueState that holds nothing, i.e. for
 # every customer seen for the first time (or again after their state expired).
 STATE_SERVER_LOGGER = "org.apache.spark.sql.execution.python.streaming.TransformWithStateInPySparkStateServer"
@@ -138,18 +139,27 @@ def dead_letter_stream(validated):
                 header(HEADER_TIMESTAMP, F.col("kafka_ts_ms"))).alias("headers")))
 
 
-def purchase_state_stream(validated, settings: StreamingSettings, cfg: Config):
+def purchase_state_stream(validated, settings: StreamingSettings):
     """Valid rows grouped by customer through the stateful processor (one row per customer)."""
     from pyspark.sql import functions as F
 
     valid = (validated.where(F.col("reason").isNull())
              .withColumn("source_partition", F.concat_ws("-", "source_topic", F.col("source_partition").cast("string")))
              .select(*INPUT_COLUMNS))
-    processor = PurchaseStateProcessor(settings.state_ttl_ms,
-                                       CutoffSource(dict(cfg), settings.model_poll_interval_ms))
     return valid.groupBy("customer_id").transformWithState(
-        statefulProcessor=processor, outputStructType=OUTPUT_SCHEMA, outputMode="Update",
+        statefulProcessor=PurchaseStateProcessor(settings.state_ttl_ms), outputStructType=OUTPUT_SCHEMA, outputMode="Update",
         timeMode="ProcessingTime")
+
+
+def _check_state_cutoff(frame: pd.DataFrame, model, batch_id: int) -> None:
+    """The state must have applied the served model's cutoff (handed over as a local property):
+    anything else means the hand-over broke, and purchases may be miscounted."""
+    applied = {int(c) for c in frame["cutoff_ms"].dropna()} if len(frame) else set()
+    expected = model.cutoff_ms if model is not None else None
+    if applied and applied != {expected}:
+        log.error("batch %d: the state applied cutoff(s) %s but the served model %s has %s; the driver's "
+                  "hand-over to the tasks (streaming/served.py) did not reach them", batch_id, sorted(applied),
+                  model.version if model else None, expected)
 
 
 class BatchRefresher:
@@ -164,15 +174,17 @@ class BatchRefresher:
 
     def __call__(self, batch_df, batch_id: int) -> None:
         started = time.perf_counter()
+        model = self.holder.current()      # decided once, here, for every task of the batch
+        hand_to_executors(batch_df.sparkSession.sparkContext, model.version if model else None,
+                          model.cutoff_ms if model else None)
         frame = batch_df.toPandas()        # one action: the state is updated exactly once per batch
         figures = RefreshFigures(customers_in_batch=len(frame), state_ms=(time.perf_counter() - started) * 1000)
         if len(frame):
             figures.new_events = int(frame["new_events"].sum())
             figures.duplicate_events = int(frame["duplicate_events"].sum())
             figures.before_cutoff_events = int(frame["before_cutoff_events"].sum())
-        state_cutoff = frame["cutoff_ms"].dropna().max() if len(frame) else None
-        model = self.holder.current(None if state_cutoff is None or pd.isna(state_cutoff) else int(state_cutoff))
         figures.model_version = model.version if model else None
+        _check_state_cutoff(frame, model, batch_id)
         changed = frame[frame["new_events"] > 0].reset_index(drop=True) if len(frame) else frame
         if model is not None and len(changed):
             scoring_started = time.perf_counter()
@@ -187,24 +199,32 @@ class BatchRefresher:
             figures.customers_refreshed = len(records)
             figures.latencies_ms = output_ms - np.concatenate(
                 [np.asarray(ts, dtype=np.int64) for ts in changed["new_kafka_ts_ms"]])
+        self._warn_if_nothing_scored(batch_id, figures, model)
         figures.refresh_ms = (time.perf_counter() - started) * 1000
         self.metrics.record_refresh(batch_id, figures)
 
+    def _warn_if_nothing_scored(self, batch_id: int, figures: RefreshFigures, model) -> None:
+        """Purchases arrived (not replays) and no customer was refreshed: say why, every batch."""
+        arrived = figures.new_events + figures.before_cutoff_events
+        if not arrived or figures.customers_refreshed:
+            return
+        figures.unscored_events = arrived
+        if model is None:
+            why = f"no model is served ({self.holder.describe_absence()}); the purchases wait in the state"
+        else:
+            why = (f"all of them are at or before the cutoff of model {model.version} "
+                   f"({model.artifact.cutoff_time}); check that model's cutoff and the producers' clocks")
+        log.warning("batch %d: %d purchases received, none scored: %s", batch_id, arrived, why)
+
     def _write(self, records, batch_id: int) -> None:
-        """Write with a few retries: a sink hiccup should cost a delay, not the query."""
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:
-                self.writer.write(records)
-                return
-            except Exception as err:  # noqa: BLE001 - retried, then re-raised to fail the batch
-                if attempt == WRITE_ATTEMPTS:
-                    log.error("batch %d: writing %d records failed %d times (%s); the query stops and a "
-                              "restart replays the batch from the checkpoint", batch_id, len(records),
-                              attempt, err)
-                    raise
-                log.warning("batch %d: writing records failed (%s); retry %d/%d", batch_id, err, attempt,
-                            WRITE_ATTEMPTS - 1)
-                time.sleep(min(10.0, 0.5 * 2 ** attempt))
+        """Write, riding out a sink outage up to the tolerance; past it the query stops (a restart
+        replays the batch from the checkpoint, and the sinks take the replay idempotently)."""
+        try:
+            self.writer.write(records, outage_tolerance_s=self.settings.sink_outage_tolerance_ms / 1000,
+                              label=f"batch {batch_id}")
+        except SinkError as err:
+            log.error("%s; the query stops, and a restart replays batch %d from the checkpoint", err, batch_id)
+            raise
 
 
 class StreamingJob:
@@ -247,7 +267,7 @@ class StreamingJob:
         dead_letter = (dead_letter_stream(validated).writeStream.queryName(DEAD_LETTER_QUERY).format("kafka")
                        .options(**spark_kafka_options(self.cfg)).option("topic", self.settings.dead_letter_topic)
                        .option("checkpointLocation", f"{checkpoint}/dead-letter"))
-        scoring = (purchase_state_stream(validated, self.settings, self.cfg).writeStream.queryName(SCORING_QUERY)
+        scoring = (purchase_state_stream(validated, self.settings).writeStream.queryName(SCORING_QUERY)
                    .outputMode("update").foreachBatch(BatchRefresher(self.settings, self.holder, self.writer,
                                                                      self.metrics))
                    .option("checkpointLocation", f"{checkpoint}/scoring"))

@@ -39,6 +39,7 @@ class StreamingSettings:
     starting_offsets: str
     max_offsets_per_trigger: int | None
     model_poll_interval_ms: int
+    sink_outage_tolerance_ms: int     # how long a sink may fail before the job gives up
     transactions_topic: str
     dead_letter_topic: str
 
@@ -71,6 +72,8 @@ class StreamingSettings:
             max_offsets_per_trigger=None if cap in (None, "", 0) else int(cap),
             model_poll_interval_ms=duration_ms(cfg.get_path("streaming.model_poll_interval"),
                                                "streaming.model_poll_interval"),
+            sink_outage_tolerance_ms=duration_ms(cfg.get_path("streaming.sink_outage_tolerance"),
+                                                 "streaming.sink_outage_tolerance"),
             transactions_topic=str(cfg.get_path("kafka.topics.transactions")),
             dead_letter_topic=str(cfg.get_path("kafka.topics.dead_letter")),
         )
