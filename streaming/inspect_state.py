@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streaming.state import STATE_VARIABLE
+from streaming.state import STATE_SCHEMA, STATE_VARIABLE
 
 
 def _ensure_state_coordinator(spark) -> None:
@@ -26,11 +26,11 @@ def _ensure_state_coordinator(spark) -> None:
         query.stop()
 
 
-def read_purchase_state(spark, scoring_checkpoint: str, ttl_ms: int | None = None):
-    """The purchases held in the state, one row per purchase: customer_id, event_id, product_id,
-    quantity, event_time_ms, arrived_ms (processing time it entered the state), expires_ms (when
-    it leaves: ``arrived_ms + ttl_ms``, or the customer's whole value expiring if that is
-    earlier; without ``ttl_ms`` the latter)."""
+def read_state_values(spark, scoring_checkpoint: str):
+    """The state as stored, one row per customer: customer_id, the arrays of the ``purchases``
+    value (event_ids, product_ids, quantities, event_times_ms, arrived_ms; oldest event first)
+    and value_expires_ms (when the whole value expires). No shuffle: a reader that needs one
+    row per customer (tools/refill.py) should not explode and regroup the purchases."""
     from pyspark.sql import functions as F
 
     from streaming.job import ROCKSDB_PROVIDER
@@ -38,12 +38,25 @@ def read_purchase_state(spark, scoring_checkpoint: str, ttl_ms: int | None = Non
     spark.conf.set("spark.sql.streaming.stateStore.providerClass", ROCKSDB_PROVIDER)
     _ensure_state_coordinator(spark)
     state = spark.read.format("statestore").option("stateVarName", STATE_VARIABLE).load(scoring_checkpoint)
-    value = F.col("value.value")
-    purchases = state.select(
-        F.col("key.customer_id").alias("customer_id"), F.col("value.ttlExpirationMs").alias("value_expires_ms"),
-        F.explode(F.arrays_zip(value["event_ids"].alias("event_id"), value["product_ids"].alias("product_id"),
-                               value["quantities"].alias("quantity"), value["event_times_ms"].alias("event_time_ms"),
-                               value["arrived_ms"].alias("arrived_ms"))).alias("p"))
+    fields = [column.split()[0] for column in STATE_SCHEMA.split(", ")]
+    return state.select(F.col("key.customer_id").alias("customer_id"),
+                        *(F.col(f"value.value.{name}").alias(name) for name in fields),
+                        F.col("value.ttlExpirationMs").alias("value_expires_ms"))
+
+
+def read_purchase_state(spark, scoring_checkpoint: str, ttl_ms: int | None = None):
+    """The purchases held in the state, one row per purchase: customer_id, event_id, product_id,
+    quantity, event_time_ms, arrived_ms (processing time it entered the state), expires_ms (when
+    it leaves: ``arrived_ms + ttl_ms``, or the customer's whole value expiring if that is
+    earlier; without ``ttl_ms`` the latter)."""
+    from pyspark.sql import functions as F
+
+    values = read_state_values(spark, scoring_checkpoint)
+    purchases = values.select(
+        "customer_id", "value_expires_ms",
+        F.explode(F.arrays_zip(F.col("event_ids").alias("event_id"), F.col("product_ids").alias("product_id"),
+                               F.col("quantities").alias("quantity"), F.col("event_times_ms").alias("event_time_ms"),
+                               F.col("arrived_ms").alias("arrived_ms"))).alias("p"))
     expires = F.col("value_expires_ms") if ttl_ms is None else \
         F.least(F.col("p.arrived_ms") + F.lit(int(ttl_ms)), F.col("value_expires_ms"))
     return purchases.select("customer_id", "p.event_id", "p.product_id", "p.quantity", "p.event_time_ms",
