@@ -3,8 +3,9 @@
 Also runs under spark-submit (the session then comes with the submitter's master and settings):
     spark-submit --master spark://host:7077 batch_training/__main__.py --dataset online_retail ...
 
-Exit codes: 0 published (or written with --no-publish); 2 bad configuration or input;
-3 the publish gate kept the current model (the reason is logged); 1 anything else.
+Exit codes: 0 published (or written with --no-publish); 2 bad configuration or input (an unknown
+or malformed setting or --set, a missing column, an input that is missing, unreadable or has no
+usable row); 3 the publish gate kept the current model (the reason is logged); 1 anything else.
 """
 from __future__ import annotations
 
@@ -68,11 +69,39 @@ def build_config(args: argparse.Namespace):
         overrides["batch.write_table"] = True
     if args.write_topic:
         overrides["batch.write_topic"] = True
+    flags = dict(overrides)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} must look like key.path=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
+    reference = _with_overrides(cfg, flags)
+    for item in args.set:
+        _check_known_setting(reference, item.partition("=")[0].strip(), item)
+    return _with_overrides(cfg, overrides)
+
+
+# Mappings passed on as they are (any key is valid), and settings read with a default that
+# config/default.yaml does not list: a --set under these is not checked against the config.
+OPEN_SETTINGS = ("spark.extra_conf", "kafka.client_options", "data.options", "data.columns", "batch.grid")
+OPTIONAL_SETTINGS = ("spark.checkpoint_dir",)
+_MISSING = object()
+
+
+def _check_known_setting(cfg, key: str, item: str) -> None:
+    """A --set must name a setting that exists: a misspelt key would otherwise be ignored silently."""
+    if key in OPTIONAL_SETTINGS or any(key == p or key.startswith(p + ".") for p in OPEN_SETTINGS):
+        return
+    if cfg.get_path(key, _MISSING) is _MISSING:
+        raise ConfigError(f"--set {item!r}: there is no setting {key!r} (see config/default.yaml)")
+
+
+def _with_overrides(cfg, overrides: dict):
+    overrides = dict(overrides)
     # The preset replaces the whole data section; later dotted overrides refine it.
     data = overrides.pop("data", None)
     if data is not None:

@@ -21,14 +21,15 @@ import numpy as np
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
                                        scoring_artifact, select_model, without_unaffordable_knn,
                                        PARAMETER_FREE)
-from batch_training.data import ColumnMapping, aggregate, clean, index_ids, pair_stats
+from batch_training.data import COUNT_MODES, ColumnMapping, DataSourceError, aggregate, clean, index_ids, pair_stats
 from batch_training.datasets import load_source, source_placeholders
-from batch_training.evaluation import (evaluation_users, format_metrics_table, holdout_split, item_popularity,
-                                       kfold_splits, relevant_sets, evaluate)
+from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
+                                       item_popularity, kfold_splits, relevant_sets, evaluate)
 from batch_training.metrics import rmse
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
-from models.config import Config
+from models.config import Config, ConfigError
+from models.scoring import SCALINGS
 
 log = logging.getLogger("batch_training")
 
@@ -77,8 +78,66 @@ def als_params_from_config(cfg: Config) -> AlsParams:
     values = dict(cfg.get_path("batch.als", {}) or {})
     unknown = set(values) - set(AlsParams.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown batch.als setting(s) {sorted(unknown)}: use {sorted(AlsParams.__dataclass_fields__)}")
-    return AlsParams(**values)
+        raise ConfigError(f"unknown batch.als setting(s) {sorted(unknown)}: use {sorted(AlsParams.__dataclass_fields__)}")
+    params = AlsParams(**values)
+    _check_als(params, "batch.als")
+    return params
+
+
+RANKING_METRICS = ("precision", "recall", "map", "ndcg")
+
+
+def _check_als(params: AlsParams, where: str) -> None:
+    """Types and ranges Spark's ALS would otherwise refuse only when the first fit starts."""
+    def whole(value) -> bool:     # as Spark's own check: 8 and 8.0, not 8.5, "8" or true
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+    problems = [f"{name}={getattr(params, name)!r} (a whole number >= 1)" for name in ("rank", "max_iter", "blocks")
+                if not whole(getattr(params, name)) or getattr(params, name) < 1]
+    problems += [f"{name}={getattr(params, name)!r} (a number >= 0)" for name in ("reg_param", "alpha")
+                 if not isinstance(getattr(params, name), (int, float)) or isinstance(getattr(params, name), bool)
+                 or not getattr(params, name) >= 0]
+    if params.scaling not in SCALINGS:
+        problems.append(f"scaling={params.scaling!r} (one of {list(SCALINGS)})")
+    if not isinstance(params.implicit_prefs, bool):
+        problems.append(f"implicit_prefs={params.implicit_prefs!r} (true or false)")
+    if not whole(params.seed):
+        problems.append(f"seed={params.seed!r} (a whole number)")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def check_settings(cfg: Config) -> AlsParams:
+    """The batch settings checked before Spark starts, so a bad one (a typo in a ``--set``) fails
+    at once with ConfigError (exit 2) instead of after the stages that precede its use."""
+    base = als_params_from_config(cfg)
+    try:
+        grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
+        candidates_from_config(cfg)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    for params in grid:
+        _check_als(params, "batch.grid")
+    metrics = (*RANKING_METRICS, *sorted(LOWER_IS_BETTER))
+    default_metric = "map" if base.implicit_prefs else "rmse"
+    choices = {"batch.final_fit": ("refit", "fold_in"), "batch.topk_engine": ("driver", "spark"),
+               "batch.holdout.method": ("auto", *SPLIT_METHODS), "data.count_mode": COUNT_MODES,
+               "batch.selection_metric": metrics, "batch.publish.metric": metrics}
+    defaults = {"batch.final_fit": "refit", "batch.topk_engine": "driver", "batch.holdout.method": "auto",
+                "data.count_mode": "rows", "batch.selection_metric": default_metric,
+                "batch.publish.metric": default_metric}
+    for key, allowed in choices.items():
+        value = cfg.get_path(key, defaults[key])
+        if value not in allowed:
+            raise ConfigError(f"{key} {value!r}: use one of {list(allowed)}")
+    for key in ("batch.selection_metric", "batch.publish.metric"):
+        if cfg.get_path(key, default_metric) in LOWER_IS_BETTER and base.implicit_prefs:
+            raise ConfigError(f"{key} rmse needs explicit ratings (batch.als.implicit_prefs: false, or --mode explicit)")
+    for key, least in (("batch.k", 1), ("batch.cv_folds", 0)):
+        value = cfg.get_path(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{key} {value!r}: use a whole number >= {least}")
+    return base
 
 
 def _load_events(spark, cfg: Config, data_cfg: dict):
@@ -94,21 +153,27 @@ def _load_events(spark, cfg: Config, data_cfg: dict):
 
 def run(cfg: Config, spark=None) -> BatchResult:
     """Run the whole job as configured; raises PublishRefused when the gate keeps the current model."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
     from models.spark import build_spark
 
+    base = check_settings(cfg)      # before Spark starts: a bad setting fails at once
     spark = spark or build_spark(cfg, "reco-batch-training", need_kafka=bool(cfg.get_path("batch.write_topic", False)))
     stages = _Stages()
     k = int(cfg.get_path("batch.k", 10))
     exclude = bool(cfg.get_path("batch.exclude_purchased", True))
-    base = als_params_from_config(cfg)
     metric = str(cfg.get_path("batch.selection_metric", "map" if base.implicit_prefs else "rmse"))
 
     stages.start("read and clean")
     data_cfg = cfg.get_path("data")
-    events, report = _load_events(spark, cfg, data_cfg)
+    try:
+        events, report = _load_events(spark, cfg, data_cfg)
+    except (PySparkException, Py4JJavaError) as err:   # Spark cannot read the source as configured
+        raise DataSourceError(f"cannot read {data_cfg.get('path')}: {_spark_error_line(err)}") from err
     events = events.cache()
     if report.clean_rows == 0:
-        raise ValueError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")
+        raise DataSourceError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")
 
     stages.start("aggregate")
     count_mode = source_count_mode = str(data_cfg.get("count_mode", "rows"))
@@ -234,6 +299,13 @@ def run(cfg: Config, spark=None) -> BatchResult:
 
 def metric_for_gate(cfg: Config, base: AlsParams) -> str:
     return str(cfg.get_path("batch.publish.metric", "map" if base.implicit_prefs else "rmse"))
+
+
+def _spark_error_line(err: Exception) -> str:
+    """The first line of what Spark reports (the Java exception's, not py4j's "An error occurred")."""
+    java = getattr(err, "java_exception", None)
+    text = str(java) if java is not None else str(err)
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def _split_method(cfg: Config, data_cfg: dict) -> str:

@@ -1,0 +1,130 @@
+"""The batch command line's exit codes, which schedulers alert on, each end to end in a subprocess:
+0 published, 2 bad configuration or input, 3 the publish gate kept the current model.
+
+Each run gets its own run folder, model store and output folder through RECO__* variables (the
+README's configuration), tiny generated data and --no-cv with a small ALS, so a run that gets as
+far as publishing takes well under a minute.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batch_training.generate import write
+from models.config import REPO_ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+SMALL = ["--no-cv", "--set", "batch.als.rank=8", "--set", "batch.als.max_iter=4"]
+GATE_REFUSED = "exit 3: the publish gate kept the current model"
+
+
+@pytest.fixture(scope="module")
+def transactions(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-data")
+    write(folder, factor=0.02, seed=3, fmt="csv")      # ~13k rows, 140 customers
+    return folder / "transactions.csv"
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """The caller's environment without any RECO setting, pointed at this test's folders."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RECO")}
+    return {**clean, "RECO__RUN_DIR": str(tmp_path / "run"), "RECO__MODEL_STORE__URI": str(tmp_path / "models"),
+            "RECO__BATCH__OUTPUT_DIR": str(tmp_path / "out"), "RECO__SPARK__DRIVER_MEMORY": "1g",
+            "RECO__SPARK__SHUFFLE_PARTITIONS": "2"}
+
+
+def batch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batch_training", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def current_version(models: Path) -> str | None:
+    pointer = models / "CURRENT"
+    return json.loads(pointer.read_text())["version"] if pointer.exists() else None
+
+
+def versions(models: Path) -> list[str]:
+    folder = models / "versions"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_exit_0_publishes_and_exit_3_keeps_the_current_model(env, tmp_path, transactions):
+    models = tmp_path / "models"
+    first = batch(env, "--input", str(transactions), *SMALL)
+    assert first.returncode == 0, first.stderr[-3000:]
+    published = current_version(models)
+    assert published is not None and versions(models) == [published]
+    assert f"published model {published} as current" in first.stderr
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["version"] == published and summary["published"] is True
+
+    # A deliberately useless ALS (rank 2, one iteration, huge regularisation) as the only candidate:
+    # it cannot beat popularity, so the gate refuses it and the first model stays current.
+    bad = batch(env, "--input", str(transactions), "--no-cv", "--set", "batch.scorers.candidates=[als]",
+                "--set", "batch.als.rank=2", "--set", "batch.als.max_iter=1", "--set", "batch.als.reg_param=1000000.0")
+    assert bad.returncode == 3, bad.stderr[-3000:]
+    assert GATE_REFUSED in bad.stderr and "does not beat popularity" in bad.stderr
+    assert current_version(models) == published
+    refused = [v for v in versions(models) if v != published]
+    assert len(refused) == 1, "the refused model is written for inspection, not made current"
+    assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["version"] == published
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "batch.als.rank"], "must look like key.path=value"),
+    (["--set", "batch.als.rank=[8"], "is not valid YAML"),
+    (["--set", "batch.cv_fold=0"], "there is no setting 'batch.cv_fold'"),       # misspelt: was ignored
+    (["--set", "batch.als.rank=eight"], "rank='eight'"),
+    (["--set", "batch.final_fit=refti"], "batch.final_fit 'refti'"),              # was found after the fits
+    (["--set", "batch.scorers.candidates=[als,knn]"], "unknown batch.scorers.candidates ['knn']"),
+    (["--set", "batch.holdout.method=latest"], "batch.holdout.method 'latest'"),
+    (["--dataset", "no_such_preset"], "no dataset preset 'no_such_preset'"),
+])
+def test_exit_2_for_a_bad_setting_before_spark_starts(env, tmp_path, transactions, args, message):
+    result = batch(env, "--input", str(transactions), *SMALL, *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Spark" not in result.stderr, "a bad setting must fail before a Spark session starts"
+    assert versions(tmp_path / "models") == []
+
+
+def _without_product_column(folder: Path, transactions: Path) -> Path:
+    path = folder / "no_product.csv"
+    lines = transactions.read_text().splitlines()[:200]
+    path.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 2) for line in lines) + "\n")
+    return path
+
+
+def _header_only(folder: Path, transactions: Path) -> Path:
+    path = folder / "header_only.csv"
+    path.write_text(transactions.read_text().splitlines()[0] + "\n")
+    return path
+
+
+def _corrupt_gzip(folder: Path, transactions: Path) -> Path:
+    path = folder / "transactions.csv.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(4000))     # a gzip header, then noise
+    return path
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (_without_product_column, "has no column for data.columns.product_id='product_id'"),
+    (lambda folder, _: folder / "missing.csv", "does not exist"),
+    (_corrupt_gzip, "cannot read"),
+    (_header_only, "no usable rows"),
+])
+def test_exit_2_for_bad_input(env, tmp_path, transactions, make_input, message):
+    path = make_input(tmp_path, transactions)
+    result = batch(env, "--input", str(path), *SMALL)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert versions(tmp_path / "models") == [] and current_version(tmp_path / "models") is None
