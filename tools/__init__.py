@@ -1,4 +1,4 @@
-"""The tools users meet: the replay producer, topic tails, the table lookup (and the demo).
+"""The tools users meet: the replay producer, topic tails, the table lookup and refill (and the demo).
 
 Each is a ``python -m tools.<name>`` command with exit codes a script can rely on:
 0 success, 1 nothing found, 2 bad arguments or input, 3 a service that cannot be reached,

@@ -1,10 +1,11 @@
-"""python -m tools {replay|tail|lookup|demo} ...: the same commands as python -m tools.<name>."""
+"""python -m tools {replay|tail|lookup|demo|refill-table} ...: the same commands as python -m tools.<module>."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = ("replay", "tail", "lookup", "demo")
+# command -> module under tools/
+COMMANDS = {"replay": "replay", "tail": "tail", "lookup": "lookup", "demo": "demo", "refill-table": "refill"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,8 +14,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m tools {{{'|'.join(COMMANDS)}}} [arguments]  (--help after a command for its own)",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(f"tools.{argv[0]}")
-    sys.argv[0] = f"python -m tools.{argv[0]}"
+    module = importlib.import_module(f"tools.{COMMANDS[argv[0]]}")
+    sys.argv[0] = f"python -m tools.{COMMANDS[argv[0]]}"
     return int(module.main(argv[1:]) or 0)
 
 
