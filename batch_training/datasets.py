@@ -95,11 +95,13 @@ def load_source(spark, data: Mapping[str, Any], placeholders: Mapping[str, Any] 
     raise DataSourceError(f"data.kind {kind!r} is not supported: use one of {KINDS}")
 
 
-def load_events(spark, data: Mapping[str, Any], placeholders: Mapping[str, Any] | None = None):
-    """``(events, CleaningReport)``: :func:`load_source`, then the section's filters and cleaning."""
+def load_events(spark, data: Mapping[str, Any], placeholders: Mapping[str, Any] | None = None,
+                max_future_skew_ms: int | None = None):
+    """``(events, CleaningReport)``: :func:`load_source`, then the section's filters and cleaning
+    (rows dated more than ``max_future_skew_ms`` after now dropped as ``future_time``)."""
     raw = load_source(spark, data, placeholders)
     mapping = ColumnMapping.from_config(data.get("columns") or {})
-    return clean(raw, mapping, filters=list(data.get("filters") or []))
+    return clean(raw, mapping, filters=list(data.get("filters") or []), max_future_skew_ms=max_future_skew_ms)
 
 
 def load_olist(spark, folder: str, files: Mapping[str, str] | None = None,

@@ -21,8 +21,8 @@ import numpy as np
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
                                        scoring_artifact, select_model, without_unaffordable_knn,
                                        PARAMETER_FREE)
-from batch_training.data import COUNT_MODES, ColumnMapping, DataSourceError, aggregate, clean, index_ids, pair_stats
-from batch_training.datasets import load_source, source_placeholders
+from batch_training.data import COUNT_MODES, DataSourceError, aggregate, index_ids, pair_stats
+from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
                                        item_popularity, kfold_splits, relevant_sets, evaluate)
 from batch_training.metrics import rmse
@@ -141,14 +141,12 @@ def check_settings(cfg: Config) -> AlsParams:
 
 
 def _load_events(spark, cfg: Config, data_cfg: dict):
-    """``load_events`` plus the stream's ``streaming.max_future_skew`` rule against this run's clock:
+    """``load_events`` with the stream's ``streaming.max_future_skew`` rule against this run's clock:
     a future-dated row would become the cutoff, and the stream ignores purchases before it."""
     from streaming.settings import duration_ms
 
-    raw = load_source(spark, data_cfg, source_placeholders(cfg))
     skew_ms = duration_ms(cfg.get_path("streaming.max_future_skew"), "streaming.max_future_skew")
-    return clean(raw, ColumnMapping.from_config(data_cfg.get("columns") or {}),
-                 filters=list(data_cfg.get("filters") or []), max_future_skew_ms=skew_ms)
+    return load_events(spark, data_cfg, source_placeholders(cfg), max_future_skew_ms=skew_ms)
 
 
 def run(cfg: Config, spark=None) -> BatchResult:
