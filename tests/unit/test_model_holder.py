@@ -8,24 +8,9 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-
-from models.artifact import ModelArtifact
 from models.store import ModelStore
 from streaming.serving import ModelHolder
-
-CUTOFF = "2025-01-01T00:00:00.000Z"
-
-
-def model(version: str) -> ModelArtifact:
-    rng = np.random.default_rng(1)
-    return ModelArtifact(
-        version=version, model_type="als", item_ids=[f"P{i}" for i in range(6)],
-        item_factors=rng.normal(size=(6, 3)).astype(np.float32), user_ids=["K1", "K2"],
-        user_factors=rng.normal(size=(2, 3)).astype(np.float32), popularity=[5, 9, 1, 7, 3, 2],
-        user_items_indptr=[0, 2, 3], user_items_indices=[0, 2, 5], user_items_counts=[2, 1, 4],
-        params={"rank": 3, "reg_param": 0.1, "alpha": 1.0, "implicit_prefs": True}, cutoff_time=CUTOFF).validate()
-
+from tests.small_models import small_als as model
 
 class Clock:
     def __init__(self):
