@@ -1,16 +1,20 @@
-"""The streaming scorer's logic without Spark or services: state merge, counts, model hot swap.
+"""The streaming scorer's logic without Spark or services: state merge, counts, model hot swap,
+and what it hands on (the processor's row, the documented output record).
 
-(Pure and fast; kept beside the streaming integration tests whose parts they check.)
+A unit test: pure functions and a model store in a temporary folder, no Spark session.
 """
 from __future__ import annotations
 
 import json
+import re
+from decimal import Decimal
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from models.artifact import ModelArtifact
+from models.config import REPO_ROOT
 from models.recency import decay_weights
 from models.store import ModelStore
 from streaming.refresh import purchase_counts, records_for, score_customers
@@ -56,14 +60,34 @@ def test_without_a_model_everything_is_kept():
     assert set(merge.added) == {"e1"}
 
 
+# The processor's output row, which the scoring stage reads by name (streaming.job declares it to
+# Spark as OUTPUT_SCHEMA): written out here, not derived from the product's own constant.
+PROCESSOR_COLUMNS = ["customer_id", "product_ids", "quantities", "event_times_ms", "new_events",
+                     "duplicate_events", "before_cutoff_events", "new_kafka_ts_ms", "source_offsets",
+                     "cutoff_ms", "segment"]
+
+
+def _top_level_names(ddl: str) -> list[str]:
+    """Column names of a Spark DDL struct string (commas inside <...> do not separate columns)."""
+    names, depth, start = [], 0, 0
+    for at, char in enumerate(ddl + ","):
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(ddl[start:at].split()[0])
+            start = at + 1
+    return names
+
+
 def test_the_output_row_has_the_declared_columns_in_order():
-    merge = merge_purchases({}, rows(("e2", "P2", 1, 20, "tx-0", 1), ("e1", "P1", 2, 10, "tx-0", 2)), None)
-    row = output_row("C1", merge, None)
-    declared = [part.strip().split(" ")[0] for part in OUTPUT_SCHEMA.split(", ") if " " in part.strip()]
-    declared = [name for name in declared if not name.startswith(("long>", "string>"))]
-    assert list(row.asDict()) == declared
-    assert list(row.product_ids) == ["P1", "P2"]      # oldest first
-    assert row.new_events == 2
+    merge = merge_purchases({}, rows(("e2", "P2", 1, 20, "tx-0", 1), ("e1", "P1", 2, 10, "tx-0", 2),
+                                     ("e2", "P2", 1, 20, "tx-1", 5)), None)
+    row = output_row("C1", merge, 7)
+    assert row.asDict() == {"customer_id": "C1", "product_ids": ["P1", "P2"], "quantities": [2, 1],   # oldest first
+                            "event_times_ms": [10, 20], "new_events": 2, "duplicate_events": 1,
+                            "before_cutoff_events": 0, "new_kafka_ts_ms": [10, 20], "source_offsets": {"tx-0": 2},
+                            "cutoff_ms": 7, "segment": None}
+    assert list(row.asDict()) == PROCESSOR_COLUMNS
+    assert _top_level_names(OUTPUT_SCHEMA) == PROCESSOR_COLUMNS      # what Spark is told the row holds
 
 
 def test_the_newest_segment_of_the_batch_is_carried_to_the_output():
@@ -185,6 +209,86 @@ def test_a_new_customer_in_a_known_segment_gets_that_segments_list():
     assert scored.strategies == ["segment_popularity", "popularity", "popularity", "personalized"]
     assert list(scored.item_idx[0][:2]) == [4, 2]                  # FR's best sellers
     assert list(scored.item_idx[1]) == list(scored.item_idx[2]) == [1, 3, 0]   # unknown segment: everyone's
+
+
+# -- the output record against its documentation (docs/schemas.md) -----------------------------
+DOC_TYPES = {"integer": (int,), "string": (str,), "array": (list,), "object": (dict,), "null": (type(None),),
+             "number": (int, float)}
+
+
+def _documented(section: str) -> dict[str, str]:
+    """{field: documented type} from the table under ``### <section>`` in docs/schemas.md."""
+    text = (REPO_ROOT / "docs" / "schemas.md").read_text()
+    lines = text.split(f"### {section}\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = lines[start:end]
+    fields = {}
+    for line in table[2:]:                       # after the header and the |---| line
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for name in re.findall(r"`(\w+)`", cells[0]):
+            fields[name] = cells[1]
+    assert fields, f"no table under ### {section} in docs/schemas.md"
+    return fields
+
+
+def _stream_records():
+    model = ServingModel.prepare(tiny_model())
+    frame = customers(("K1", [("P1", 2, CUTOFF_MS + 5), ("P3", 1, CUTOFF_MS - 5)]),
+                      ("NEW", [("UNKNOWN", 1, CUTOFF_MS + 1)]))
+    scored = score_customers(model, frame, k=3, exclude_purchased=True)
+    return records_for(model, frame, scored, computed_at_ms=CUTOFF_MS + 99)
+
+
+def test_stream_records_carry_exactly_the_documented_message_fields():
+    documented = _documented("Topic message")
+    assert {"customer_id", "recommendations", "strategy", "model_version", "last_event_ms",
+            "computed_at_ms", "source", "source_offsets", "schema_version"} <= set(documented)
+    for record in _stream_records():
+        message = json.loads(record.to_json_bytes())
+        assert set(message) == set(documented), record.customer_id
+        for field, kind in documented.items():
+            allowed = tuple(t for word in kind.split(" or ") for t in DOC_TYPES[word])
+            value = message[field]
+            assert isinstance(value, allowed) and not isinstance(value, bool), (field, kind, value)
+        for name in ("recommendations", "buy_again"):
+            entries = message[name]
+            assert [e["rank"] for e in entries] == list(range(1, len(entries) + 1))
+            assert all(set(e) == {"rank", "product_id", "score"} for e in entries)
+        assert message["schema_version"] == 1 and message["source"] == "stream"
+        assert message["strategy"] in ("personalized", "popularity", "segment_popularity")
+        assert message["computed_at"] == "2025-01-01T00:00:00.099Z" and message["computed_at_ms"] == CUTOFF_MS + 99
+        assert message["source_offsets"] == {"tx-0": 1}
+    k1, new = (json.loads(record.to_json_bytes()) for record in _stream_records())
+    assert (k1["last_event_time"], k1["last_event_ms"]) == ("2025-01-01T00:00:00.005Z", CUTOFF_MS + 5)
+    assert k1["purchases_since_cutoff"] == 1 and k1["strategy"] == "personalized"
+    assert (new["strategy"], new["purchases_since_cutoff"]) == ("popularity", 1)
+
+
+def test_stream_records_become_the_documented_table_item():
+    """The item has the message's attributes, with the documented differences: numbers as
+    Number (never a float), source_offsets as sorted JSON text, last_event_time absent when unknown."""
+    message_fields = set(_documented("Topic message"))
+    differences = _documented("Table item")
+    assert set(differences) <= message_fields
+    for record in _stream_records():
+        item, message = record.to_item(), record.to_message()
+        expected = message_fields - ({"last_event_time"} if message["last_event_time"] is None else set())
+        assert set(item) == expected, record.customer_id
+        assert item["source_offsets"] == json.dumps(message["source_offsets"], sort_keys=True)
+        for name in ("recommendations", "buy_again"):
+            assert [e["product_id"] for e in item[name]] == [e["product_id"] for e in message[name]]
+            assert all(isinstance(e["score"], Decimal) for e in item[name])
+        for field in ("last_event_ms", "computed_at_ms", "schema_version", "purchases_since_cutoff"):
+            assert isinstance(item[field], (int, Decimal)) and not isinstance(item[field], bool), field
+
+        def floats(value):
+            if isinstance(value, dict):
+                return [f for v in value.values() for f in floats(v)]
+            if isinstance(value, list):
+                return [f for v in value for f in floats(v)]
+            return [value] if isinstance(value, float) else []
+        assert floats(item) == [], "DynamoDB has no float"
 
 
 @pytest.mark.parametrize("change, message", [
