@@ -137,6 +137,10 @@ def check_settings(cfg: Config) -> AlsParams:
         value = cfg.get_path(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{key} {value!r}: use a whole number >= {least}")
+    from streaming.settings import duration_ms
+
+    for key in ("batch.sink_outage_tolerance", "streaming.max_future_skew"):
+        duration_ms(cfg.get_path(key), key)         # ConfigError names the key
     return base
 
 
@@ -734,8 +738,11 @@ def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, sco
                                          for rank, (i, s) in enumerate(zip(row, row_scores), 1) if i >= 0]
     writer = RecordWriter(cfg, to_topic=bool(cfg.get_path("batch.write_topic", False)),
                           to_table=bool(cfg.get_path("batch.write_table", False)))
+    from streaming.settings import duration_ms
+
+    tolerance_ms = duration_ms(cfg.get_path("batch.sink_outage_tolerance"), "batch.sink_outage_tolerance")
     try:
-        summary = writer.write(records)
+        summary = writer.write(records, outage_tolerance_s=tolerance_ms / 1000, label="batch job sinks")
     finally:
         writer.close()
     log.info("sinks: %s", summary)

@@ -85,6 +85,7 @@ def test_exit_0_publishes_and_exit_3_keeps_the_current_model(env, tmp_path, tran
     (["--set", "batch.final_fit=refti"], "batch.final_fit 'refti'"),              # was found after the fits
     (["--set", "batch.scorers.candidates=[als,knn]"], "unknown batch.scorers.candidates ['knn']"),
     (["--set", "batch.holdout.method=latest"], "batch.holdout.method 'latest'"),
+    (["--set", "batch.sink_outage_tolerance=soon"], "batch.sink_outage_tolerance: 'soon' is not a duration"),
     (["--dataset", "no_such_preset"], "no dataset preset 'no_such_preset'"),
 ])
 def test_exit_2_for_a_bad_setting_before_spark_starts(env, tmp_path, transactions, args, message):
