@@ -16,31 +16,69 @@ KAFKA_JARS = REPO_ROOT / ".cache" / "jars" / "kafka"
 
 
 class KafkaBroker:
-    """A single-node Apache Kafka broker in KRaft mode (combined broker and controller)."""
+    """A single-node Apache Kafka broker in KRaft mode (combined broker and controller).
+
+    Optionally (``kafka.local.sasl_port``) a second client listener, SASL_PLAINTEXT with
+    SCRAM-SHA-256 and SCRAM-SHA-512, whose users (``kafka.local.sasl_users``) are created at each
+    start through the PLAINTEXT listener, which stays as it is for everything else.
+    """
 
     name = "Kafka broker"
+    SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.port = int(cfg.get_path("kafka.local.port"))
         self.controller_port = int(cfg.get_path("kafka.local.controller_port"))
+        sasl_port = cfg.get_path("kafka.local.sasl_port", None)
+        self.sasl_port = int(sasl_port) if sasl_port else None
         self.proc = ManagedProcess(self.name, cfg.path("run_dir") / "kafka", HOST, self.port)
 
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
 
+    @property
+    def sasl_bootstrap(self) -> str | None:
+        """The SASL_PLAINTEXT listener's address (None when it is off)."""
+        return f"{HOST}:{self.sasl_port}" if self.sasl_port else None
+
+    def sasl_users(self) -> dict[str, str]:
+        """The configured SASL users, name -> password (checked: names and passwords are text)."""
+        users = self.cfg.get_path("kafka.local.sasl_users", None) or {}
+        if not isinstance(users, dict) or not all(isinstance(n, str) and n and isinstance(p, (str, int))
+                                                  and str(p) for n, p in users.items()):
+            # Never the values: they are passwords.
+            raise ServiceError("kafka.local.sasl_users must map each user name to a non-empty password")
+        if users and not self.sasl_port:
+            raise ServiceError("kafka.local.sasl_users is set but kafka.local.sasl_port is not: "
+                               "set the SASL listener's port")
+        return {name: str(password) for name, password in users.items()}
+
     def properties(self) -> str:
         data_dir = self.proc.home / "data"
+        listeners = [f"PLAINTEXT://{HOST}:{self.port}"]
+        protocols = ["PLAINTEXT:PLAINTEXT"]
+        sasl: list[str] = []
+        if self.sasl_port:
+            listeners.append(f"SASL_PLAINTEXT://{HOST}:{self.sasl_port}")
+            protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
+            sasl.append(f"sasl.enabled.mechanisms={','.join(self.SASL_MECHANISMS)}")
+            # The broker side of SCRAM needs a login module and no option: the users' salted
+            # credentials live in the cluster metadata (created by create_sasl_users).
+            sasl += [f"listener.name.sasl_plaintext.{m.lower()}.sasl.jaas.config="
+                     "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                     for m in self.SASL_MECHANISMS]
         return "\n".join([
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@{HOST}:{self.controller_port}",
-            f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}",
+            f"listeners={','.join(listeners)},CONTROLLER://{HOST}:{self.controller_port}",
+            f"advertised.listeners={','.join(listeners)}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"listener.security.protocol.map={','.join(protocols)},CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name=PLAINTEXT",
+            *sasl,
             f"log.dirs={data_dir}",
             "offsets.topic.replication.factor=1",
             "offsets.topic.num.partitions=4",
@@ -74,6 +112,7 @@ class KafkaBroker:
         home = self.proc.home
         home.mkdir(parents=True, exist_ok=True)
         config_file = home / "server.properties"
+        users = self.sasl_users()
         if self.proc.pid() is None:
             config_file.write_text(self.properties())
             if not (home / "data" / "meta.properties").exists():
@@ -84,7 +123,57 @@ class KafkaBroker:
                 if result.returncode != 0:
                     raise ServiceError(f"formatting the Kafka storage in {home / 'data'} failed:\n"
                                        f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
-        return self.proc.start(self._java("kafka.Kafka", str(config_file)), self.ready, timeout)
+        started = self.proc.start(self._java("kafka.Kafka", str(config_file)), self.ready, timeout)
+        if users:
+            self.create_sasl_users(users, timeout)
+        return started
+
+    def create_sasl_users(self, users: dict[str, str], timeout: float = 30) -> None:
+        """Create or update each user's SCRAM credentials (both mechanisms), through the PLAINTEXT
+        listener; returns once the SASL listener accepts the first of them.
+
+        At every start, so a changed password applies at the next one; nothing is passed on a
+        command line and the broker stores only salted hashes.
+        """
+        from kafka.admin import KafkaAdminClient
+
+        if not self.sasl_port:
+            raise ServiceError("SASL users need the SASL listener: set kafka.local.sasl_port")
+        try:
+            from kafka.admin import UserScramCredentialUpsertion
+        except ImportError:
+            raise ServiceError("creating the SASL users needs kafka-python 3 or later (its admin client's "
+                               "alter_user_scram_credentials): run scripts/setup.sh") from None
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=15000)
+        failed: dict[str, str] = {}
+        try:
+            for mechanism in self.SASL_MECHANISMS:    # one request per mechanism: the broker refuses
+                errors = admin.alter_user_scram_credentials(   # a user twice in one request
+                    [UserScramCredentialUpsertion(name, mechanism, password) for name, password in users.items()])
+                failed.update({name: f"{mechanism}: {error}" for name, error in errors.items() if error})
+        finally:
+            admin.close()
+        if failed:
+            raise ServiceError(f"{self.name}: creating the SASL users failed: "
+                               + "; ".join(f"{name}: {error}" for name, error in failed.items()))
+        name, password = next(iter(users.items()))
+        self.proc.wait_ready(lambda: self._sasl_login(name, password), timeout)
+
+    def _sasl_login(self, user: str, password: str) -> bool:
+        """One admin request over the SASL listener as ``user`` (the credentials reach it shortly
+        after the controller committed them)."""
+        from kafka.admin import KafkaAdminClient
+
+        from models.clients import Secret
+
+        admin = KafkaAdminClient(bootstrap_servers=self.sasl_bootstrap, security_protocol="SASL_PLAINTEXT",
+                                 sasl_mechanism=self.SASL_MECHANISMS[-1], sasl_plain_username=user,
+                                 sasl_plain_password=Secret(password), request_timeout_ms=5000)
+        try:
+            admin.list_topics()
+            return True
+        finally:
+            admin.close()
 
     def ready(self) -> bool:
         from kafka.admin import KafkaAdminClient
