@@ -77,11 +77,12 @@ def build_config(args: argparse.Namespace):
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
+            # The key only: the value may be a password (kafka.client_options.sasl.jaas.config).
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"--set {key.strip()}=...: the value is not valid YAML ({problem})") from None
     reference = _with_overrides(cfg, flags)
     for item in args.set:
-        _check_known_setting(reference, item.partition("=")[0].strip(), item)
+        _check_known_setting(reference, item.partition("=")[0].strip())
     return _with_overrides(cfg, overrides)
 
 
@@ -92,12 +93,13 @@ OPTIONAL_SETTINGS = ("spark.checkpoint_dir",)
 _MISSING = object()
 
 
-def _check_known_setting(cfg, key: str, item: str) -> None:
+def _check_known_setting(cfg, key: str) -> None:
     """A --set must name a setting that exists: a misspelt key would otherwise be ignored silently."""
     if key in OPTIONAL_SETTINGS or any(key == p or key.startswith(p + ".") for p in OPEN_SETTINGS):
         return
     if cfg.get_path(key, _MISSING) is _MISSING:
-        raise ConfigError(f"--set {item!r}: there is no setting {key!r} (see config/default.yaml)")
+        # The key only, never the value (it may be a password).
+        raise ConfigError(f"--set {key}=...: there is no setting {key!r} (see config/default.yaml)")
 
 
 def _with_overrides(cfg, overrides: dict):

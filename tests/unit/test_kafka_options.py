@@ -237,3 +237,26 @@ def test_every_supported_option_is_documented_in_the_default_config():
     text = DEFAULT_CONFIG.read_text()
     for name in SUPPORTED_CLIENT_OPTIONS:
         assert name in text
+
+
+# -- other places an error could quote a client option's value ------------------------------------
+def test_a_config_file_that_is_not_valid_yaml_is_reported_without_the_line(tmp_path):
+    """PyYAML quotes the offending line; here that line holds the password."""
+    bad = tmp_path / "reco.yaml"
+    bad.write_text(f'kafka:\n  client_options:\n    sasl.jaas.config: {SCRAM} required username="a" '
+                   f'password="{PASSWORD}: x";\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(files=[bad], env={})
+    assert str(bad) in str(caught.value) and "line 3" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize("value, expected", [(f'"{PASSWORD}', "is not valid YAML"),
+                                             (PASSWORD, "there is no setting 'kafka.client_secret'")])
+def test_batch_set_errors_name_the_key_not_the_value(value, expected):
+    from batch_training.__main__ import build_config, parse_args
+
+    key = "kafka.client_options.sasl.jaas.config" if value.startswith('"') else "kafka.client_secret"
+    with pytest.raises(ConfigError) as caught:
+        build_config(parse_args(["--set", f"{key}={value}"]))
+    assert expected in str(caught.value) and key in str(caught.value) and PASSWORD not in str(caught.value)
