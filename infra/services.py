@@ -166,9 +166,11 @@ class KafkaBroker:
 
         from models.clients import Secret
 
+        # A refused login is retried by kafka-python until its bootstrap timeout: keep one attempt short.
+        bounded = {"bootstrap_timeout_ms": 5000} if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {}
         admin = KafkaAdminClient(bootstrap_servers=self.sasl_bootstrap, security_protocol="SASL_PLAINTEXT",
                                  sasl_mechanism=self.SASL_MECHANISMS[-1], sasl_plain_username=user,
-                                 sasl_plain_password=Secret(password), request_timeout_ms=5000)
+                                 sasl_plain_password=Secret(password), request_timeout_ms=5000, **bounded)
         try:
             admin.list_topics()
             return True
