@@ -49,15 +49,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    from models.clients import ensure_table, ensure_topics, kafka_options
+
     try:
         cfg = load_config(files=args.config or None)
         from streaming.settings import StreamingSettings
 
         StreamingSettings.from_config(cfg)
+        kafka_options(cfg)          # client options checked before any client is made
     except ConfigError as err:
         log.error("%s", err)
         return 2
-    from models.clients import ensure_table, ensure_topics
     from models.spark import build_spark
     from streaming.job import StreamingJob
 

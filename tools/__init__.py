@@ -37,8 +37,12 @@ def bootstrap_options(client_class: type, timeout_s: float) -> dict[str, Any]:
 def kafka_unreachable(cfg: Config, err: Exception) -> ServiceUnreachable:
     servers = cfg.get_path("kafka.bootstrap_servers")
     detail = str(err) if type(err).__name__ in str(err) else f"{type(err).__name__}: {err}"
+    protocol = str((cfg.get_path("kafka.client_options", {}) or {}).get("security.protocol", ""))
+    # kafka-python reports a refused SASL login only as a failed bootstrap: name that cause too.
+    credentials = (" or the broker refused the credentials (check sasl.mechanism and the user and password "
+                   "in kafka.client_options' sasl.jaas.config)" if protocol.startswith("SASL") else "")
     return ServiceUnreachable(
-        f"cannot reach the Kafka broker at {servers} ({detail}); start it "
+        f"cannot reach the Kafka broker at {servers} ({detail}){credentials}; start it "
         f"(python -m infra start) or set kafka.bootstrap_servers / RECO__KAFKA__BOOTSTRAP_SERVERS")
 
 

@@ -268,7 +268,7 @@ def test_wrong_credentials_fail_clearly_without_the_password(spark, cfg, sasl_br
         result = run_tool(module, *args, "--connect-timeout", "3",
                           env=tool_config_file(bad, tmp_path / f"{module}.yaml"))
         assert result.returncode == 3, (module, result.stdout, result.stderr)
-        assert sasl_broker.sasl_bootstrap in result.stderr
+        assert sasl_broker.sasl_bootstrap in result.stderr and "refused the credentials" in result.stderr
         log.info("%s with a wrong password: exit 3, %s", module, result.stderr.strip())
 
     # Settings the tools' client cannot use: exit 2 before any connection, naming the option only.
