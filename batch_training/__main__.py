@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
 
 from batch_training.data import DataSourceError  # noqa: E402
 from batch_training.datasets import load_preset  # noqa: E402
-from models.config import ConfigError, load_config  # noqa: E402
+from models.config import ConfigError, check_known_keys, config_text, known_keys, load_config  # noqa: E402
 from models.logging_setup import setup_logging  # noqa: E402
 
 log = logging.getLogger("batch_training")
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-publish", action="store_true", help="write the model version but do not make it current")
     parser.add_argument("--write-table", action="store_true", help="also write every customer's list to DynamoDB")
     parser.add_argument("--write-topic", action="store_true", help="also publish every list to the recommendations topic")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (secrets redacted) and exit")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. --set batch.als.rank=32")
     return parser.parse_args(argv)
@@ -69,7 +71,6 @@ def build_config(args: argparse.Namespace):
         overrides["batch.write_table"] = True
     if args.write_topic:
         overrides["batch.write_topic"] = True
-    flags = dict(overrides)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -80,26 +81,12 @@ def build_config(args: argparse.Namespace):
             # The key only: the value may be a password (kafka.client_options.sasl.jaas.config).
             problem = getattr(err, "problem", None) or type(err).__name__
             raise ConfigError(f"--set {key.strip()}=...: the value is not valid YAML ({problem})") from None
-    reference = _with_overrides(cfg, flags)
+    known = known_keys()
     for item in args.set:
-        _check_known_setting(reference, item.partition("=")[0].strip())
+        key = item.partition("=")[0].strip()
+        # The key only in the message, never the value (it may be a password).
+        check_known_keys([key], known, f"--set {key}=...")
     return _with_overrides(cfg, overrides)
-
-
-# Mappings passed on as they are (any key is valid), and settings read with a default that
-# config/default.yaml does not list: a --set under these is not checked against the config.
-OPEN_SETTINGS = ("spark.extra_conf", "kafka.client_options", "data.options", "data.columns", "batch.grid")
-OPTIONAL_SETTINGS = ("spark.checkpoint_dir",)
-_MISSING = object()
-
-
-def _check_known_setting(cfg, key: str) -> None:
-    """A --set must name a setting that exists: a misspelt key would otherwise be ignored silently."""
-    if key in OPTIONAL_SETTINGS or any(key == p or key.startswith(p + ".") for p in OPEN_SETTINGS):
-        return
-    if cfg.get_path(key, _MISSING) is _MISSING:
-        # The key only, never the value (it may be a password).
-        raise ConfigError(f"--set {key}=...: there is no setting {key!r} (see config/default.yaml)")
 
 
 def _with_overrides(cfg, overrides: dict):
@@ -118,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build_config(args)
+        if args.print_config:
+            print(config_text(cfg), end="")
+            return 0
         result = run(cfg)
     except (ConfigError, DataSourceError, FileNotFoundError) as err:
         log.error("%s", err)

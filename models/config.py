@@ -6,7 +6,9 @@ operator sets a value once and every part of the product sees the same one.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -60,20 +62,94 @@ def resolve_path(value: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+# Mappings whose keys are free (passed on as they are): anything under them is a valid setting.
+OPEN_MAPPINGS = ("spark.extra_conf", "kafka.client_options", "kafka.local.sasl_users", "data.options",
+                 "data.columns", "data.files", "batch.grid")
+# Names whose values are never printed (``redacted``), matched anywhere in a dotted key.
+SECRET_NAMES = re.compile(r"password|secret|jaas|token|credential|private_key|sasl_users", re.I)
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def load_config(files: list[str | Path] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
-    """Defaults, then each file in ``files`` (or ``$RECO_CONFIG``), then ``RECO__*`` variables."""
+    """Defaults, then each file in ``files`` (or ``$RECO_CONFIG``), then ``RECO__*`` variables.
+
+    Every key a file or variable sets must exist in config/default.yaml (or sit under one of the
+    ``OPEN_MAPPINGS``): a misspelt key is refused with the nearest valid one, never ignored.
+    ``${NAME}`` in a value is replaced by the environment variable NAME (for secrets).
+    """
     env = os.environ if env is None else env
     if files is None:
         files = [f for f in env.get(ENV_FILES, "").split(",") if f.strip()]
-    merged: dict = {}
-    for path in [DEFAULT_CONFIG, *files]:
-        _deep_merge(merged, _read_yaml(Path(path)))
+    merged: dict = _read_yaml(DEFAULT_CONFIG)
+    known = set(_dotted_keys(merged))
+    for path in files:
+        layer = _read_yaml(Path(path))
+        check_known_keys(_dotted_keys(layer), known, f"config file {path}")
+        _deep_merge(merged, layer)
     for name, raw in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+            check_known_keys([".".join(keys)], known, f"environment variable {name}")
             _set_path(merged, keys, _parse_scalar(raw))
-    return Config(merged)
+    return Config(_expand_placeholders(merged, env))
+
+
+def known_keys() -> set[str]:
+    """Every setting config/default.yaml defines, as dotted keys."""
+    return set(_dotted_keys(_read_yaml(DEFAULT_CONFIG)))
+
+
+def check_known_keys(keys, known: set[str], origin: str) -> None:
+    """ConfigError for the first of ``keys`` (dotted) that names no setting, with the nearest one."""
+    for key in keys:
+        if key in known or any(key == m or key.startswith(m + ".") for m in OPEN_MAPPINGS):
+            continue
+        if any(k.startswith(key + ".") for k in known):
+            continue                     # a whole section, e.g. a preset's "data"
+        nearest = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else " (see config/default.yaml)"
+        raise ConfigError(f"{origin}: there is no setting {key!r}{hint}")
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """A copy of a config (or part of one) safe to print: secret values replaced."""
+    if SECRET_NAMES.search(key) and value not in (None, {}, ""):
+        return "<redacted>"
+    if isinstance(value, Mapping):
+        return {k: redacted(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    return value
+
+
+def config_text(cfg: Mapping) -> str:
+    """The effective config as YAML, secrets redacted (the jobs' --print-config)."""
+    return yaml.safe_dump(redacted(dict(cfg)), sort_keys=False, default_flow_style=False)
+
+
+def _dotted_keys(tree: Mapping, prefix: str = "") -> list[str]:
+    """Every leaf of a nested mapping as a dotted key (an empty mapping counts as a leaf)."""
+    keys = []
+    for name, value in tree.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, Mapping) and value and dotted not in OPEN_MAPPINGS:
+            keys.extend(_dotted_keys(value, dotted + "."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _expand_placeholders(node: Any, env: Mapping[str, str], key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_placeholders(v, env, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_placeholders(v, env, key) for v in node]
+    if isinstance(node, str) and "${" in node:
+        def value_of(match: re.Match) -> str:
+            if match.group(1) not in env:
+                raise ConfigError(f"{key} refers to ${{{match.group(1)}}}, which is not set in the environment")
+            return env[match.group(1)]
+        return _PLACEHOLDER.sub(value_of, node)
+    return node
 
 
 def _read_yaml(path: Path) -> dict:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: import the packa
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from models.config import ConfigError, load_config  # noqa: E402
+from models.config import ConfigError, config_text, load_config  # noqa: E402
 from models.logging_setup import setup_logging  # noqa: E402
 
 log = logging.getLogger("streaming")
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--available-now", action="store_true",
                         help="process what the topic holds now, then stop (catch-up runs, tests)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (secrets redacted) and exit")
     return parser.parse_args(argv)
 
 
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return 2
+    if args.print_config:
+        print(config_text(cfg), end="")
+        return 0
     from models.spark import build_spark
     from streaming.job import StreamingJob
 
