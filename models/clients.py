@@ -262,28 +262,72 @@ def s3_client(cfg: Config):
     return boto3_client(cfg, "s3", cfg.get_path("model_store.s3_endpoint_url", None))
 
 
+# Topic settings by role (the key under kafka.topics). The recommendations topic is compacted: Kafka
+# keeps at least the last record of every key (customer), so a consumer that starts from the
+# beginning rebuilds every customer's latest list even after the retention time (docs/schemas.md).
+TOPIC_CONFIGS = {"recommendations": {"cleanup.policy": "compact"}}
+
+
 def ensure_topics(cfg: Config) -> list[str]:
-    """Create the product's topics if missing; returns the ones created."""
+    """Create the product's topics if missing, with their TOPIC_CONFIGS; returns the ones created.
+
+    An existing topic is never altered (its retention is its operator's decision, and altering needs
+    a permission the job may not have): when one lacks its settings, a WARNING says what it misses
+    and the command that sets them."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    names = list((cfg.get_path("kafka.topics") or {}).values())
+    roles = dict(cfg.get_path("kafka.topics") or {})
     admin = KafkaAdminClient(**kafka_options(cfg), request_timeout_ms=15000)
     try:
-        missing = [n for n in names if n not in set(admin.list_topics())]
+        existing = set(admin.list_topics())
         created = []
-        for name in missing:
+        for role, name in roles.items():
+            if name in existing:
+                continue
             try:
                 admin.create_topics([NewTopic(name, int(cfg.get_path("kafka.partitions")),
-                                              int(cfg.get_path("kafka.replication_factor")))])
+                                              int(cfg.get_path("kafka.replication_factor")),
+                                              topic_configs=dict(TOPIC_CONFIGS.get(role, {})) or None)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass
         if created:
             log.info("created Kafka topics %s", ", ".join(created))
+        for role, name in roles.items():
+            if name not in created and role in TOPIC_CONFIGS:
+                _check_topic_configs(cfg, admin, name, TOPIC_CONFIGS[role])
         return created
     finally:
         admin.close()
+
+
+def _check_topic_configs(cfg: Config, admin, topic: str, wanted: dict[str, str]) -> None:
+    """A WARNING when an existing topic's settings differ from ``wanted`` (a cleanup.policy passes
+    when it includes the wanted policy, e.g. "compact,delete" for "compact")."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    try:
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
+                                                           configs={name: None for name in wanted})],
+                                           config_filter="all")
+        actual = {name: entry.get("value") for name, entry in described["topic"][topic].items()}
+    except Exception as err:  # noqa: BLE001 - an older client, no DescribeConfigs permission
+        log.warning("could not read the settings of Kafka topic %s (%s: %s); it should have %s", topic,
+                    type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "",
+                    ", ".join(f"{k}={v}" for k, v in wanted.items()))
+        return
+    missing = {name: value for name, value in wanted.items()
+               if value not in str(actual.get(name) or "").split(",")}
+    if missing:
+        settings = ",".join(f"{k}={v}" for k, v in missing.items())
+        why = (" (without compaction a customer's latest record is deleted after the retention time, so a "
+               "new consumer cannot rebuild every customer's list)" if "cleanup.policy" in missing else "")
+        log.warning("Kafka topic %s has %s, not %s%s. The project does not alter an existing topic; set it "
+                    "(no restart needed) with: kafka-configs.sh --bootstrap-server %s --alter --entity-type "
+                    "topics --entity-name %s --add-config %s (and --command-config on a secured cluster)",
+                    topic, ", ".join(f"{k}={actual.get(k)}" for k in missing), settings, why,
+                    cfg.get_path("kafka.bootstrap_servers"), topic, settings)
 
 
 def ensure_table(cfg: Config) -> bool:
