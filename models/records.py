@@ -4,7 +4,9 @@ A record is a customer's ranked top-k at a point in time. It goes to the recomme
 (JSON value, key = customer_id) and to the DynamoDB table (one item per customer_id). Both sinks
 order records by (last_event_ms, computed_at_ms): the table refuses, by a conditional write, any
 record older than the one it holds, so a late or replayed write never hides a newer result, and
-writing the same record twice is harmless. The schemas are documented in docs/schemas.md.
+writing the same record twice is harmless. The schemas are documented in docs/schemas.md, with
+JSON Schemas for the message (docs/recommendation-record.schema.json) and the table item
+(docs/recommendation-item.schema.json); the item holds the message's fields with the same types.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from models.config import Config
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# The record's major version (docs/schemas.md, "Versions"): additive changes keep it, anything else
+# bumps it. 2: the table item took the message's types (source_offsets a map, not JSON text; an
+# unknown last_event_ms absent, not 0); the topic message is the same as version 1's.
+SCHEMA_VERSION = 2
 
 
 def iso_utc(ms: int | None) -> str | None:
@@ -43,7 +48,7 @@ class RecommendationRecord:
     product_ids: list[str]
     scores: list[float]
     model_version: str
-    strategy: str                      # "personalized" or "popularity"
+    strategy: str                      # "personalized", "popularity" or "segment_popularity"
     last_event_ms: int | None          # newest purchase the record reflects
     computed_at_ms: int
     source: str                        # "batch" or "stream"
@@ -76,27 +81,10 @@ class RecommendationRecord:
         return json.dumps(self.to_message(), separators=(",", ":")).encode()
 
     def to_item(self) -> dict:
-        """The DynamoDB item (boto3 resource-style values: Decimal for numbers)."""
-        message = self.to_message()
-        item = {
-            "customer_id": self.customer_id,
-            "recommendations": [{"rank": r["rank"], "product_id": r["product_id"],
-                                 "score": Decimal(str(r["score"]))} for r in message["recommendations"]],
-            "strategy": self.strategy,
-            "model_version": self.model_version,
-            "last_event_ms": self.last_event_ms or 0,
-            "computed_at": message["computed_at"],
-            "computed_at_ms": self.computed_at_ms,
-            "source": self.source,
-            "schema_version": SCHEMA_VERSION,
-        }
-        if message["last_event_time"]:
-            item["last_event_time"] = message["last_event_time"]
-        if self.source_offsets:
-            item["source_offsets"] = json.dumps(self.source_offsets, sort_keys=True)
-        for key, value in self.extra.items():
-            item[key] = _to_dynamo_value(value)
-        return item
+        """The DynamoDB item: the message's fields with the same types, as boto3's resource API takes
+        them (numbers as int or Decimal, never float; source_offsets a map). A field that is null in
+        the message is absent from the item (DynamoDB's way to say unknown)."""
+        return {key: _to_dynamo_value(value) for key, value in self.to_message().items() if value is not None}
 
 
 def _to_dynamo_value(value):
@@ -263,11 +251,7 @@ class RecordWriter:
         from botocore.exceptions import ClientError
 
         try:
-            self._table.put_item(
-                Item=record.to_item(),
-                ConditionExpression="attribute_not_exists(customer_id) OR last_event_ms < :e "
-                                    "OR (last_event_ms = :e AND computed_at_ms <= :c)",
-                ExpressionAttributeValues={":e": record.last_event_ms or 0, ":c": record.computed_at_ms})
+            self._table.put_item(Item=record.to_item(), **newer_than_stored(record))
             return True
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
@@ -277,6 +261,21 @@ class RecordWriter:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=30)
+
+
+def newer_than_stored(record: RecommendationRecord) -> dict:
+    """put_item's condition: the table holds nothing for the customer, or a record whose
+    (last_event_ms, computed_at_ms) is at most the record's. An unknown last_event_ms (absent from
+    the item; 0 in items written by schema version 1) orders as 0, the oldest, as in order_key."""
+    event_ms, computed_ms = record.order_key
+    condition = ("attribute_not_exists(customer_id) OR last_event_ms < :e "
+                 "OR (last_event_ms = :e AND computed_at_ms <= :c)")
+    if event_ms > 0:        # a stored item with an unknown event time is older
+        condition += " OR attribute_not_exists(last_event_ms)"
+    elif event_ms == 0:     # both unknown (or 0): the later computation wins
+        condition += " OR (attribute_not_exists(last_event_ms) AND computed_at_ms <= :c)"
+    return {"ConditionExpression": condition,
+            "ExpressionAttributeValues": {":e": event_ms, ":c": computed_ms}}
 
 
 def _describe(error: Exception | None) -> str:

@@ -1,6 +1,8 @@
 """python -m tools.lookup CUSTOMER_ID [--json]: the customer's current top-10 from the DynamoDB table.
 
-What the serving side would read: one item per customer, kept newest-wins by both jobs.
+What the serving side would read: one item per customer, kept newest-wins by both jobs. With
+--json, the item as JSON (DynamoDB Numbers as JSON numbers), as docs/recommendation-item.schema.json
+describes it (a field that is null on the topic is absent).
 Exit codes: 0 printed, 1 the customer has no item, 2 bad arguments, 3 the endpoint cannot be
 reached or the table does not exist.
 """
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.lookup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("customer_id")
-    parser.add_argument("--json", action="store_true", help="print the stored item as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the stored item as JSON (docs/recommendation-item.schema.json)")
     args = parser.parse_args(argv)
     quiet_client_logs()
     try:
