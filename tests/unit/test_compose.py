@@ -304,3 +304,17 @@ def test_app_image_copies_every_package_of_the_project(services):
     copied = {a.split()[0].rstrip("/") for kind, a in _dockerfile(_dockerfiles(services)["streaming"])
               if kind == "COPY" and not a.startswith("--from=")}
     assert packages and packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
+
+
+def test_the_streaming_service_is_health_checked_and_scraped(services):
+    """The healthcheck calls the driver's /healthz, and Prometheus scrapes its /metrics, both on
+    the configured port; the endpoint listens beyond the container's loopback."""
+    port = load_config(files=[], env={}).get_path("streaming.metrics.port")
+    streaming = services["streaming"]
+    assert _env(streaming)["RECO__STREAMING__METRICS__HOST"] == "0.0.0.0"
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(streaming["healthcheck"]["test"])
+    assert any(p.endswith(f":{port}") for p in streaming["ports"])
+    mounts = _mounts(services["prometheus"])
+    prometheus = yaml.safe_load((REPO_ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert f"streaming:{port}" in targets
