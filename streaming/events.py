@@ -32,6 +32,12 @@ FUTURE_TIME = "future_time"
 VALIDATION_ERROR = "validation_error"   # a failure the checks did not foresee (never expected)
 
 
+# Every reason's kind (the part before ":"), for metrics labelled by reason with bounded cardinality.
+REASON_KINDS = (EMPTY_VALUE, NOT_JSON, TOO_DEEP, NOT_OBJECT, "missing_field", "wrong_type", "invalid_text",
+                "empty_id", "id_too_long", NON_POSITIVE_QUANTITY, ABSURD_QUANTITY, UNPARSEABLE_TIME, FUTURE_TIME,
+                VALIDATION_ERROR)
+
+
 def missing_field(name: str) -> str:
     return f"missing_field:{name}"
 

@@ -29,9 +29,10 @@ import pandas as pd
 
 from models.config import Config
 from models.records import RecordWriter, SinkError, now_ms
-from streaming.events import ValidationRules, validate_values
-from streaming.metrics import (DEAD_LETTER_QUERY, SCORING_QUERY, VALIDATION_OBSERVATION, RefreshFigures,
-                               StreamMetrics, make_listener)
+from streaming.events import REASON_KINDS, ValidationRules, validate_values
+from streaming.metrics import (DEAD_LETTER_QUERY, REASON_PREFIX, SCORING_QUERY, VALIDATION_OBSERVATION,
+                               RefreshFigures, StreamMetrics, make_listener)
+from streaming.observability import Exporter, serve
 from streaming.refresh import records_for, score_customers
 from streaming.served import hand_to_executors
 from streaming.serving import ModelHolder
@@ -66,6 +67,9 @@ def configure_session(spark, settings: StreamingSettings) -> None:
     spark.conf.set("spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled", "true")
     # With processing-time TTL Spark would otherwise run an empty batch every trigger forever.
     spark.conf.set("spark.sql.streaming.noDataMicroBatches.enabled", "false")
+    # Each query's figures in Spark's own metrics system too (any sink configured there, e.g. the
+    # PrometheusServlet on the Spark UI: streaming/README.md, "Watching it").
+    spark.conf.set("spark.sql.streaming.metricsEnabled", "true")
     _quiet_state_server(spark)
 
 
@@ -119,8 +123,11 @@ def validate_stream(raw, rules: ValidationRules):
     timestamps = raw.select("key", "value", "topic", "partition", "offset",
                             F.col("timestamp").cast("timestamp").alias("timestamp"))
     validated = timestamps.mapInPandas(_validator(rules), VALIDATED_SCHEMA)
+    kind = F.split(F.col("reason"), ":").getItem(0)
+    by_reason = [F.sum(F.when(kind == name, 1).otherwise(0)).alias(f"{REASON_PREFIX}{name}") for name in REASON_KINDS]
     return validated.observe(VALIDATION_OBSERVATION, F.count(F.lit(1)).alias("rows"),
-                             F.sum(F.when(F.col("reason").isNotNull(), 1).otherwise(0)).alias("invalid_rows"))
+                             F.sum(F.when(F.col("reason").isNotNull(), 1).otherwise(0)).alias("invalid_rows"),
+                             *by_reason)
 
 
 def dead_letter_stream(validated):
@@ -237,7 +244,7 @@ class StreamingJob:
         self.spark = spark
         self.settings = StreamingSettings.from_config(cfg)
         self.rules = ValidationRules.from_config(cfg)
-        self.metrics = StreamMetrics()
+        self.metrics = StreamMetrics(exporter=Exporter())
         self.holder = ModelHolder(store or ModelStore.from_config(cfg), self.settings.model_poll_interval_ms,
                                   default_count_mode=str(cfg.get_path("data.count_mode", "rows")))
         self.writer = writer or RecordWriter(cfg)
@@ -245,6 +252,7 @@ class StreamingJob:
         self._listener = None
         self._stop_requested = threading.Event()
         self._stopped = False
+        self._server = None
 
     @property
     def scoring_query(self):
@@ -257,9 +265,13 @@ class StreamingJob:
     def start(self, available_now: bool = False) -> "StreamingJob":
         """Start both queries (``available_now``: process what is in the topic now, then stop)."""
         configure_session(self.spark, self.settings)
+        self._started_at = time.time()
         self._listener = make_listener(self.metrics)
         self.spark.streams.addListener(self._listener)
         self.holder.current()   # load the model up front: a broken one is reported at start-up
+        if self.settings.metrics_port is not None:
+            self._server = serve(self.metrics.exporter, self.health, self.settings.metrics_host,
+                                 self.settings.metrics_port)
         validated = validate_stream(kafka_source(self.spark, self.cfg, self.settings), self.rules)
         checkpoint = self.settings.checkpoint_dir.rstrip("/")
         from models.clients import spark_kafka_options
@@ -283,6 +295,25 @@ class StreamingJob:
                  f"every {self.settings.trigger_interval_ms} ms (dead letters every "
                  f"{self.settings.dead_letter_trigger_interval_ms} ms)")
         return self
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics and /healthz are served on (the OS's pick when configured as 0)."""
+        return self._server.server_port if self._server is not None else None
+
+    def health(self) -> tuple[bool, str]:
+        """Ready when both queries run and each reported progress (or an idle trigger) recently."""
+        if self._stopped or not self.queries:
+            return False, "not running"
+        down = [q.name for q in self.queries if not q.isActive]
+        if down:
+            return False, f"query {', '.join(down)} not active"
+        now = time.time()
+        silent = {q.name: now - self.metrics.last_seen.get(q.name, self._started_at) for q in self.queries}
+        stale = {name: age for name, age in silent.items() if age * 1000 > self.settings.health_max_silence_ms}
+        if stale:
+            return False, "no progress for " + ", ".join(f"{name} {age:.0f} s" for name, age in stale.items())
+        return True, "ok: " + ", ".join(f"{name} {age:.0f} s ago" for name, age in silent.items())
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (safe from a signal handler): see ``run_until_stopped``."""
@@ -332,6 +363,9 @@ class StreamingJob:
             self.spark.streams.removeListener(self._listener)
             self._listener = None
         self.writer.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
         latency = self.metrics.latency_percentiles()
         log.info("streaming scorer stopped: %s; event-to-output latency %s", self.metrics.totals,
                  "n/a" if latency is None else

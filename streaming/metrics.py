@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 SCORING_QUERY = "reco-scoring"
 DEAD_LETTER_QUERY = "reco-dead-letter"
 VALIDATION_OBSERVATION = "validation"
+REASON_PREFIX = "reason_"       # the observation's per-reason counts: reason_<kind>
 
 
 @dataclass
@@ -81,7 +82,9 @@ class BatchReport:
 class StreamMetrics:
     """Figures of the running job, filled by foreachBatch and the listener (thread-safe)."""
 
-    def __init__(self, history: int = 10_000, latency_reservoir: int = 1_000_000):
+    def __init__(self, history: int = 10_000, latency_reservoir: int = 1_000_000, exporter=None):
+        self.exporter = exporter            # streaming.observability.Exporter, or None
+        self.last_seen: dict[str, float] = {}   # query name -> when it last reported (progress or idle)
         self._lock = threading.Lock()
         self._pending: dict[int, RefreshFigures] = {}
         self._reported: deque[tuple[str, str, int]] = deque(maxlen=1000)   # recent batches already logged
@@ -95,6 +98,8 @@ class StreamMetrics:
         self.started = time.time()
 
     def record_refresh(self, batch_id: int, figures: RefreshFigures) -> None:
+        if self.exporter is not None:
+            self.exporter.on_refresh(figures)
         with self._lock:
             self._pending[int(batch_id)] = figures
             if len(figures.latencies_ms):
@@ -115,6 +120,7 @@ class StreamMetrics:
         seen = (name, str(progress.runId), int(progress.batchId))
         observed = (progress.observedMetrics or {}).get(VALIDATION_OBSERVATION)
         invalid = int(observed["invalid_rows"] or 0) if observed is not None else 0
+        by_reason = _invalid_by_reason(observed)
         report = BatchReport(query=name,
                              batch_id=int(progress.batchId), input_rows=int(progress.numInputRows),
                              invalid_rows=invalid, duration_ms=int(progress.durationMs.get("triggerExecution", 0)),
@@ -123,6 +129,9 @@ class StreamMetrics:
             if seen in self._reported:
                 return None
             self._reported.append(seen)
+            self.last_seen[name] = time.time()
+            if self.exporter is not None:
+                self.exporter.on_progress(name, progress, name == SCORING_QUERY, by_reason)
             figures = self._pending.pop(report.batch_id, None) if report.query == SCORING_QUERY else None
             if report.query == SCORING_QUERY:
                 if figures is not None:
@@ -142,6 +151,12 @@ class StreamMetrics:
             self.reports.append(report)
         log.info(report.line())
         return report
+
+    def on_idle(self, name: str) -> None:
+        """An idle trigger of query ``name``: alive, with nothing to read."""
+        self.last_seen[name] = time.time()
+        if self.exporter is not None:
+            self.exporter.touch(name)
 
     def _add_totals(self, report: BatchReport) -> None:
         self.totals["batches"] += 1
@@ -168,12 +183,24 @@ class StreamMetrics:
                 "uptime_s": round(time.time() - self.started, 1)}
 
 
+def _invalid_by_reason(observed) -> dict[str, int]:
+    """The validation observation's per-reason counts ({kind: rows}), zeros left out."""
+    if observed is None:
+        return {}
+    counts = observed.asDict() if hasattr(observed, "asDict") else dict(observed)
+    return {key[len(REASON_PREFIX):]: int(value) for key, value in counts.items()
+            if key.startswith(REASON_PREFIX) and value}
+
+
 def make_listener(metrics: StreamMetrics):
     """A StreamingQueryListener that feeds ``metrics`` (built lazily: pyspark is imported here)."""
     from pyspark.sql.streaming import StreamingQueryListener
 
+    names: dict[str, str] = {}      # query id -> name (idle events carry only the id)
+
     class ScorerListener(StreamingQueryListener):
         def onQueryStarted(self, event) -> None:
+            names[str(event.id)] = event.name or ""
             log.info("query %s started (id %s, run %s)", event.name, event.id, event.runId)
 
         def onQueryProgress(self, event) -> None:
@@ -183,7 +210,7 @@ def make_listener(metrics: StreamMetrics):
                 log.exception("could not report a micro-batch's progress")
 
         def onQueryIdle(self, event) -> None:
-            pass
+            metrics.on_idle(names.get(str(event.id), ""))
 
         def onQueryTerminated(self, event) -> None:
             if event.exception:

@@ -40,6 +40,9 @@ class StreamingSettings:
     max_offsets_per_trigger: int | None
     model_poll_interval_ms: int
     sink_outage_tolerance_ms: int     # how long a sink may fail before the job gives up
+    metrics_host: str
+    metrics_port: int | None          # None: no metrics endpoint; 0: any free port
+    health_max_silence_ms: int        # /healthz fails when a query reported nothing for this long
     transactions_topic: str
     dead_letter_topic: str
 
@@ -74,6 +77,11 @@ class StreamingSettings:
                                                "streaming.model_poll_interval"),
             sink_outage_tolerance_ms=duration_ms(cfg.get_path("streaming.sink_outage_tolerance"),
                                                  "streaming.sink_outage_tolerance"),
+            metrics_host=str(cfg.get_path("streaming.metrics.host")),
+            metrics_port=None if cfg.get_path("streaming.metrics.port") is None
+            else int(cfg.get_path("streaming.metrics.port")),
+            health_max_silence_ms=duration_ms(cfg.get_path("streaming.metrics.health_max_silence"),
+                                              "streaming.metrics.health_max_silence"),
             transactions_topic=str(cfg.get_path("kafka.topics.transactions")),
             dead_letter_topic=str(cfg.get_path("kafka.topics.dead_letter")),
         )

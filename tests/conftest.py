@@ -28,6 +28,7 @@ TEST_OVERRIDES = {
     "model_store.uri": str(TEST_RUN_DIR / "models"),
     "spark.shuffle_partitions": 2,
     "spark.driver_memory": "3g",
+    "streaming.metrics.port": 0,        # any free port: jobs of several tests (and a demo) side by side
 }
 
 

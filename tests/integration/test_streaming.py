@@ -443,7 +443,8 @@ def _job_env(cfg) -> dict[str, str]:
 
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
             "kafka.topics.dead_letter", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
-            "model_store.s3_endpoint_url", "streaming.checkpoint_dir", "spark.shuffle_partitions"]
+            "model_store.s3_endpoint_url", "streaming.checkpoint_dir", "spark.shuffle_partitions",
+            "streaming.metrics.port"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
     env.update({"RECO__" + key.upper().replace(".", "__"): str(cfg.get_path(key)) for key in keys
                 if cfg.get_path(key) is not None})

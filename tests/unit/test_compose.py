@@ -17,7 +17,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from models.config import REPO_ROOT, load_config
+from models.config import REPO_ROOT, load_config, resolve_path
+from models.store import ModelStore
+from streaming.settings import StreamingSettings
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 APP_ROOT = PurePosixPath("/app")          # WORKDIR of docker/Dockerfile
@@ -264,16 +266,21 @@ def test_volumes_hold_what_the_jobs_keep(services):
         mounts, env = _mounts(service), _env(service)
         cfg = load_config(files=[REPO_ROOT / f for f in env.get("RECO_CONFIG", "").split(",") if f], env=env)
         assert mounts[str(APP_ROOT / "config")].rstrip("/") == "./config", name
-        run_dir = APP_ROOT / str(cfg.get_path("run_dir"))
-        kept = {"models": APP_ROOT / str(cfg.get_path("model_store.uri")),
-                "checkpoints": run_dir / str(cfg.get_path("streaming.checkpoint_dir"))}
+        # Resolved by the product's own code, then moved from this checkout to the image's /app.
+        kept = {"models": _in_container(ModelStore.from_config(cfg).backend.root),
+                "checkpoints": _in_container(StreamingSettings.from_config(cfg).checkpoint_dir)}
         if cfg.get_path("data.path", None):
-            kept["data"] = APP_ROOT / str(cfg.get_path("data.path")).replace("{run_dir}", str(cfg.get_path("run_dir")))
+            kept["data"] = _in_container(resolve_path(cfg.text("data.path")))
         for volume, path in kept.items():
             assert any(source == volume and (path == PurePosixPath(target) or PurePosixPath(target) in path.parents)
                        for target, source in mounts.items()), f"{name}: {path} is not on the {volume} volume"
     replay_file = APP_ROOT / _command_words(services["replay"])[3]
     assert PurePosixPath(_mount_target(services["replay"], "data")) in replay_file.parents
+
+
+def _in_container(path) -> PurePosixPath:
+    """A path the product resolved under this checkout, as the container sees it (under /app)."""
+    return APP_ROOT / PurePosixPath(Path(path).relative_to(REPO_ROOT).as_posix())
 
 
 def _mount_target(service: dict, volume: str) -> str:
@@ -304,3 +311,17 @@ def test_app_image_copies_every_package_of_the_project(services):
     copied = {a.split()[0].rstrip("/") for kind, a in _dockerfile(_dockerfiles(services)["streaming"])
               if kind == "COPY" and not a.startswith("--from=")}
     assert packages and packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
+
+
+def test_the_streaming_service_is_health_checked_and_scraped(services):
+    """The healthcheck calls the driver's /healthz, and Prometheus scrapes its /metrics, both on
+    the configured port; the endpoint listens beyond the container's loopback."""
+    port = load_config(files=[], env={}).get_path("streaming.metrics.port")
+    streaming = services["streaming"]
+    assert _env(streaming)["RECO__STREAMING__METRICS__HOST"] == "0.0.0.0"
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(streaming["healthcheck"]["test"])
+    assert any(p.endswith(f":{port}") for p in streaming["ports"])
+    mounts = _mounts(services["prometheus"])
+    prometheus = yaml.safe_load((REPO_ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert f"streaming:{port}" in targets
