@@ -44,3 +44,18 @@ def read_topic(cfg, topic: str, expect_at_least: int = 0, timeout_s: float = 60)
             time.sleep(0.5)
     finally:
         consumer.close()
+
+
+def newest_records(cfg, topic: str, timeout_s: float = 60) -> dict[str, dict]:
+    """The newest recommendation record per customer on ``topic`` (read to its end offsets), as a
+    consumer keeps it: the largest (``last_event_ms``, ``computed_at_ms``)."""
+    import json
+
+    newest: dict[str, dict] = {}
+    for message in read_topic(cfg, topic, timeout_s=timeout_s):
+        record = json.loads(message.value)
+        previous = newest.get(record["customer_id"])
+        if previous is None or (record["last_event_ms"] or 0, record["computed_at_ms"]) >= \
+                (previous["last_event_ms"] or 0, previous["computed_at_ms"]):
+            newest[record["customer_id"]] = record
+    return newest
