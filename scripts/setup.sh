@@ -2,6 +2,7 @@
 # Set-up for a fresh machine, and a quick no-op when nothing changed. Installs:
 #   - OpenJDK 17 and Maven from the system packages when missing (needs root and apt-get),
 #   - Debian's OpenBLAS as the native libblas.so.3 Spark ALS uses (skip with RECO_NATIVE_BLAS=0),
+#   - Chromium for the tests (headless, opens the training report) when missing (needs root and apt-get),
 #   - the Python dependencies into .venv/ (pyproject.toml, extras dev and local),
 #   - the JVM jars pinned in jvm/pom.xml into .cache/jars/ (Kafka connector for Spark, Kafka broker).
 # Re-runs only the steps whose inputs changed (stamps under .cache/).
@@ -40,6 +41,13 @@ fi
 if ! command -v docker-compose >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing docker-compose (to validate docker-compose.yml)"; apt_install docker-compose
+  fi
+fi
+
+# Chromium (headless) opens the batch job's report.html in the tests.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing chromium (to check the training report renders)"; apt_install chromium
   fi
 fi
 
