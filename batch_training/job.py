@@ -26,6 +26,7 @@ from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
                                        item_popularity, kfold_splits, relevant_sets, evaluate)
 from batch_training.metrics import rmse
+from batch_training.report import write_report
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
 from models.config import Config, ConfigError
@@ -288,6 +289,9 @@ def run(cfg: Config, spark=None) -> BatchResult:
         {"version": artifact.version, "published": published, "gate": reason, "model_type": artifact.model_type,
          "params": artifact.params,
          "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
+    report = write_report(run_dir, all_pairs.indptr, all_pairs.indices, all_pairs.counts, item_idx, popularity.buyers)
+    if report is not None:
+        log.info("training report: %s", report)
     if published:
         for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json"):
             shutil.copyfile(run_dir / name, output_dir / f".{name}.tmp")
