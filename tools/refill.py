@@ -27,9 +27,10 @@ collected to the driver.
 Differences from the records the jobs wrote: a refilled stream record has no
 ``source_offsets`` (the state does not keep them) and no segment (events carry it, the state
 does not), and the expired purchases still stored are left out as the stream leaves them out.
-A refilled batch record has ``last_event_ms`` 0 (unknown: the batch lists file does not hold it)
-unless the file has a ``last_event_ms`` column, and ``computed_at`` is the version's creation
-time; so it replaces nothing that reflects a known purchase.
+A refilled batch record has no ``last_event_ms`` (unknown: the batch lists file does not hold
+it; the table orders that as the oldest) unless the file has a ``last_event_ms`` column, and
+``computed_at`` is the version's creation time; so it replaces nothing that reflects a known
+purchase.
 
 Exit codes: 0 done, 1 no model published, 2 bad configuration or missing batch lists,
 3 the DynamoDB endpoint cannot be reached, 130 interrupted (a re-run completes the table).
