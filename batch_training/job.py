@@ -142,6 +142,10 @@ def check_settings(cfg: Config) -> AlsParams:
 
     for key in ("batch.sink_outage_tolerance", "streaming.max_future_skew"):
         duration_ms(cfg.get_path(key), key)         # ConfigError names the key
+    if cfg.get_path("batch.write_topic"):
+        from models.clients import kafka_options
+
+        kafka_options(cfg)          # the client options, checked before the training, not after it
     return base
 
 
@@ -632,7 +636,7 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
 
 def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool) -> tuple[bool, str]:
     """The publish gate: beat popularity by a margin and do not fall behind the current model."""
-    from models.store import ModelLoadError, ModelStore
+    from models.store import ModelStore
 
     store = ModelStore.from_config(cfg)
     store.write(artifact)
@@ -740,9 +744,17 @@ def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, sco
         for record, row, row_scores in zip(records, *again):
             record.extra["buy_again"] = [{"rank": rank, "product_id": str(product_ids[i]), "score": round(float(s), 6)}
                                          for rank, (i, s) in enumerate(zip(row, row_scores), 1) if i >= 0]
-    writer = RecordWriter(cfg, to_topic=bool(cfg.get_path("batch.write_topic", False)),
-                          to_table=bool(cfg.get_path("batch.write_table", False)))
+    from models.clients import ensure_table, ensure_topics
     from streaming.settings import duration_ms
+
+    to_topic, to_table = bool(cfg.get_path("batch.write_topic")), bool(cfg.get_path("batch.write_table"))
+    # Created as the contract says (a compacted topic, the keyed table): a missing table would
+    # otherwise look like an outage and be retried for the whole tolerance.
+    if to_topic:
+        ensure_topics(cfg)
+    if to_table:
+        ensure_table(cfg)
+    writer = RecordWriter(cfg, to_topic=to_topic, to_table=to_table)
 
     tolerance_ms = duration_ms(cfg.get_path("batch.sink_outage_tolerance"), "batch.sink_outage_tolerance")
     try:

@@ -87,13 +87,14 @@ def test_exit_0_publishes_and_exit_3_keeps_the_current_model(env, tmp_path, tran
     (["--set", "batch.holdout.method=latest"], "batch.holdout.method 'latest'"),
     (["--set", "batch.sink_outage_tolerance=soon"], "batch.sink_outage_tolerance: 'soon' is not a duration"),
     (["--dataset", "no_such_preset"], "no dataset preset 'no_such_preset'"),
+    (["--write-topic", "--set", "kafka.client_options.sasl.login.class=x"], "'sasl.login.class' is not supported"),
 ])
 def test_exit_2_for_a_bad_setting_before_spark_starts(env, tmp_path, transactions, args, message):
     result = batch(env, "--input", str(transactions), *SMALL, *args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert "Spark" not in result.stderr, "a bad setting must fail before a Spark session starts"
+    assert "session 'reco-batch-training'" not in result.stderr, "a bad setting must fail before Spark starts"
     assert versions(tmp_path / "models") == []
 
 
