@@ -297,7 +297,9 @@ def run(cfg: Config, spark=None) -> BatchResult:
     if report is not None:
         log.info("training report: %s", report)
     if published:
-        for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json"):
+        for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json", "report.html"):
+            if not (run_dir / name).exists():        # the report is best-effort: never fails the run
+                continue
             shutil.copyfile(run_dir / name, output_dir / f".{name}.tmp")
             os.replace(output_dir / f".{name}.tmp", output_dir / name)
     for table in (events, pairs, indexed, train, test):
