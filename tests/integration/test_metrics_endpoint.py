@@ -106,6 +106,10 @@ def test_a_running_job_reports_what_it_was_sent(spark, job_cfg):
         assert len(lags) == int(job_cfg.get_path("kafka.partitions")) and set(lags.values()) == {0}
         status, body = scrape(port, "/healthz")
         assert status == 200 and body.startswith("ok")
+        # Spark's own metrics system has each query as a source too (spark.sql.streaming.metricsEnabled).
+        metrics_system = spark.sparkContext._jsc.sc().env().metricsSystem()
+        for query in job.queries:
+            assert metrics_system.getSourcesByName(f"spark.streaming.{query.name}").size() == 1, query.name
     finally:
         job.stop()
     assert job.health() == (False, "not running")
