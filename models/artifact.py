@@ -68,6 +68,9 @@ class ModelArtifact:
     stats: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created_at: str = field(default_factory=utc_now_iso)
+    # Where the model came from (data source, config hash, params, code version, parent version);
+    # written by the batch job, empty for versions written before it was recorded.
+    lineage: dict = field(default_factory=dict)
     _item_lookup: Any = field(default=None, init=False, repr=False)
     _user_lookup: Any = field(default=None, init=False, repr=False)
 
@@ -193,7 +196,7 @@ class ModelArtifact:
         _check(bool(np.all(np.isfinite(counts))), "user_items counts contain NaN or infinite values")
 
     def _validate_metadata(self) -> None:
-        for name in ("params", "stats", "metrics"):
+        for name in ("params", "stats", "metrics", "lineage"):
             value = getattr(self, name)
             _check(isinstance(value, dict), f"{name} must be a dict, got {type(value).__name__}")
             try:

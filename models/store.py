@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -91,6 +92,14 @@ class LocalBackend:
             return None
         return f"{stat.st_mtime_ns}-{stat.st_size}-{stat.st_ino}"
 
+    def delete(self, prefix: str) -> None:
+        """Remove the file ``prefix`` or the folder ``prefix`` with everything under it."""
+        path = self.root / prefix
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
 
 class S3Backend:
     """Objects under ``s3://bucket/prefix`` through boto3."""
@@ -127,6 +136,22 @@ class S3Backend:
     def tag(self, key: str) -> Optional[str]:
         response = self._call("read", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
         return None if response is None else response["ETag"]
+
+    def delete(self, prefix: str) -> None:
+        """Remove the object ``prefix`` and every object under ``prefix/``."""
+        key = self._key(prefix).rstrip("/")
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=key + "/")
+        keys = [key] + [o["Key"] for page in self._call("list", prefix, lambda: list(pages)) or []
+                        for o in page.get("Contents", [])]
+        for start in range(0, len(keys), 1000):      # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            response = self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket,
+                                  Delete={"Objects": batch, "Quiet": True}) or {}
+            if response.get("Errors"):
+                error = response["Errors"][0]
+                raise ModelStoreError(f"cannot delete s3://{self.bucket}/{error.get('Key')}: "
+                                      f"{error.get('Code')} {error.get('Message')}")
 
     def _call(self, action: str, key: str, method, **kwargs):
         """Run a boto3 call; a missing object is None, every other failure a ModelStoreError."""
@@ -249,6 +274,53 @@ class ModelStore:
         """Versions that were made current at some point (oldest first), whether or not they still are."""
         return [v for v in self.list_versions() if self.backend.exists(f"{VERSIONS}/{v}/{PUBLISHED}")]
 
+    def history(self) -> list[dict]:
+        """Every published version as its published.json ({"version", "published_at"}), the most
+        recently published first (a version made current again counts at its latest publish)."""
+        entries = []
+        for version in self.published_versions():
+            raw = self.backend.get_bytes(f"{VERSIONS}/{version}/{PUBLISHED}")
+            try:
+                published_at = str(json.loads(raw or b"{}").get("published_at") or "")
+            except (ValueError, AttributeError):
+                published_at = ""
+            entries.append({"version": version, "published_at": published_at})
+        return sorted(entries, key=lambda e: (e["published_at"], e["version"]), reverse=True)
+
+    def previous_published(self, version: str) -> Optional[str]:
+        """The newest published version created before ``version`` (the rollback target), or None.
+
+        By creation order, not publish time, so that rolling back twice goes two versions back
+        instead of toggling between the last two."""
+        older = [v for v in self.published_versions() if v < version]
+        return older[-1] if older else None
+
+    def prune(self, keep: int, dry_run: bool = True) -> list[str]:
+        """Delete old versions; returns those deleted (or, with ``dry_run``, those that would be).
+
+        Never deleted: the current version, the version a rollback would go to, the ``keep`` most
+        recently published versions, and any version created after the current one (a candidate
+        not yet promoted). Without a current version nothing is deleted."""
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise ValueError(f"keep {keep!r} must be a whole number >= 0")
+        current = self.current_version()
+        if current is None:
+            return []
+        kept = {current, self.previous_published(current)}
+        kept.update(e["version"] for e in self.history()[:keep])
+        doomed = [v for v in self.list_versions() if v < current and v not in kept]
+        if dry_run:
+            return doomed
+        for version in doomed:
+            if self.current_version() == version:      # made current meanwhile by someone else
+                continue
+            folder = f"{VERSIONS}/{version}"
+            # metadata.json first: a prune cut short leaves a version that reads as incomplete
+            self.backend.delete(f"{folder}/{METADATA}")
+            self.backend.delete(folder)
+            log.info("model version %s deleted from %s", version, self.uri)
+        return doomed
+
     def version_fingerprint(self, version: str) -> tuple:
         """Cheap tags (no download) of every file of ``version``: they change when a file is rewritten."""
         folder = f"{VERSIONS}/{version}"
@@ -331,6 +403,7 @@ def _metadata(artifact: ModelArtifact, files: dict[str, bytes]) -> dict:
         "stats": artifact.stats,
         "metrics": artifact.metrics,
         "created_at": artifact.created_at,
+        "lineage": artifact.lineage,
         "n_items": artifact.n_items,
         "n_users": artifact.n_users,
         "rank": artifact.rank,
@@ -359,7 +432,7 @@ def _decode(metadata: dict, files: dict[str, bytes]) -> ModelArtifact:
         user_items_counts=pairs["count"].to_numpy(np.float32),
         params=metadata.get("params") or {}, cutoff_time=metadata.get("cutoff_time"),
         stats=metadata.get("stats") or {}, metrics=metadata.get("metrics") or {},
-        created_at=metadata.get("created_at") or utc_now_iso())
+        created_at=metadata.get("created_at") or utc_now_iso(), lineage=metadata.get("lineage") or {})
 
 
 def _npy(array: np.ndarray) -> bytes:
