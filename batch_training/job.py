@@ -266,6 +266,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
     segments = _segment_popularity(spark, cfg, maps, all_pairs, n_users, n_items)
     artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
                          stats, metrics, selected, {"count_mode": source_count_mode, **recency, **segments})
+    artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
     item_idx, scores, strategies = _recommend_all(spark, cfg, final, artifact, all_pairs, exclude, k)
 
     stages.start("write recommendations")
@@ -634,6 +635,47 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
         metrics=_jsonable(metrics))
     artifact.validate()
     return artifact
+
+
+def build_lineage(cfg: Config, stats: dict, params: dict) -> dict:
+    """Where a model comes from, for its metadata: the data source and its row counts, the hash of
+    the effective config (secrets redacted), the training parameters, the code version, the time,
+    and the version that was current when it was trained (``parent_version``)."""
+    import hashlib
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version as package_version
+
+    from batch_training.datasets import resolve_path
+    from models.artifact import utc_now_iso
+    from models.config import REPO_ROOT, redacted
+    from models.store import ModelStore, ModelStoreError
+
+    data_cfg = cfg.get_path("data")
+    try:
+        path = resolve_path(str(data_cfg["path"]), source_placeholders(cfg)) if data_cfg.get("path") else None
+    except (DataSourceError, ValueError, KeyError):
+        path = str(data_cfg.get("path"))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        installed = package_version("reco")
+    except PackageNotFoundError:
+        installed = None
+    try:
+        parent = ModelStore.from_config(cfg).current_version()
+    except ModelStoreError as err:
+        log.warning("lineage: the current model version cannot be read (%s)", err)
+        parent = None
+    config_json = json.dumps(_jsonable(redacted(dict(cfg))), sort_keys=True, default=str)
+    return {"source": {"kind": data_cfg.get("kind") or "files", "path": path, "format": data_cfg.get("format"),
+                       "raw_rows": _jsonable(stats.get("raw_rows")), "clean_rows": _jsonable(stats.get("clean_rows"))},
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+            "params": _jsonable(params),
+            "code": {"git_commit": commit, "package_version": installed},
+            "trained_at": utc_now_iso(), "parent_version": parent}
 
 
 def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool) -> tuple[bool, str]:
