@@ -1,11 +1,12 @@
-"""python -m tools {replay|tail|lookup|demo|refill-table} ...: the same commands as python -m tools.<module>."""
+"""python -m tools {replay|tail|lookup|demo|refill-table|models} ...: the same commands as python -m tools.<module>."""
 from __future__ import annotations
 
 import importlib
 import sys
 
 # command -> module under tools/
-COMMANDS = {"replay": "replay", "tail": "tail", "lookup": "lookup", "demo": "demo", "refill-table": "refill"}
+COMMANDS = {"replay": "replay", "tail": "tail", "lookup": "lookup", "demo": "demo", "refill-table": "refill",
+            "models": "registry"}
 
 
 def main(argv: list[str] | None = None) -> int:
