@@ -15,6 +15,15 @@ HOST = "127.0.0.1"
 KAFKA_JARS = REPO_ROOT / ".cache" / "jars" / "kafka"
 
 
+def new_cluster_id(draw=lambda: uuid.uuid4().bytes) -> str:
+    """A random KRaft cluster id (URL-safe base64 of 16 bytes), never starting with "-": the
+    storage tool would read such an id as an option and refuse to format (1 start in 64)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw()).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class KafkaBroker:
     """A single-node Apache Kafka broker in KRaft mode (combined broker and controller).
 
@@ -116,7 +125,7 @@ class KafkaBroker:
         if self.proc.pid() is None:
             config_file.write_text(self.properties())
             if not (home / "data" / "meta.properties").exists():
-                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+                cluster_id = new_cluster_id()
                 result = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
                                                    "-c", str(config_file)),
                                         capture_output=True, text=True)

@@ -158,8 +158,10 @@ class RecordWriter:
 
         # Records come in bursts of a micro-batch (thousands at once): 1 MB batches send them
         # 25 % faster than the 16 kB default (6,210 records of 1.3 kB: 0.93 s against 1.23 s).
+        # After a broker outage, reconnect within 2 s of its return (the client's default backoff
+        # grows to 30 s, which held a batch's write 25 s after the broker was back).
         return KafkaProducer(**kafka_options(self.cfg), acks="all", linger_ms=20, batch_size=1 << 20,
-                             retries=5, max_block_ms=30000)
+                             retries=5, max_block_ms=30000, reconnect_backoff_max_ms=2000)
 
     def _make_table(self):
         import boto3
