@@ -82,3 +82,30 @@ def plain(value):
 def without_nulls(message: dict) -> dict:
     """The message as the table stores it: a null field is absent."""
     return {k: v for k, v in message.items() if v is not None}
+
+
+def every_strategy_scoring(after_ms: int):
+    """(model, customers, scored) where the stream's scoring yields every strategy: a known
+    customer (personalized), a new one in a segment the model knows (segment_popularity), one in
+    a segment it does not (popularity), and one whose record carries no source offsets."""
+    import numpy as np
+    import pandas as pd
+
+    from streaming.refresh import score_customers
+    from streaming.serving import ServingModel
+    from tests.small_models import small_als
+
+    artifact = small_als()
+    artifact.params = {**artifact.params, "segment_column": "country",
+                       "segment_popularity": {"FR": {"items": [4, 2], "buyers": [3.0, 1.0]}}}
+    model = ServingModel.prepare(artifact.validate())
+    frame = pd.DataFrame({
+        "customer_id": ["K1", "NEW-FR", "NEW", "REFILLED"],
+        "product_ids": [["P1", "P3"], ["UNKNOWN"], ["UNKNOWN"], ["P2"]],
+        "quantities": [[2, 1], [1], [1], [1]],
+        "event_times_ms": [[after_ms, after_ms + 5], [after_ms], [after_ms], [after_ms]],
+        "source_offsets": [{"transactions-0": 7, "transactions-1": 3}, {"transactions-1": 4},
+                           {"transactions-0": 9}, None]})
+    scored = score_customers(model, frame, k=3, exclude_purchased=True,
+                             segments=np.array([None, "FR", "XX", None], dtype=object))
+    return model, frame, scored

@@ -47,6 +47,7 @@ from models.clients import ensure_table, ensure_topics, kafka_options
 from models.config import REPO_ROOT
 from models.records import read_table_item
 from models.store import ModelStore
+from tests.waiting import wait_for
 from tests.topics import newest_records, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -359,24 +360,6 @@ def stop_job(process: subprocess.Popen, log_path: Path) -> int:
     except subprocess.TimeoutExpired:
         kill_group(process)
         pytest.fail(f"the job did not stop within 120 s of SIGTERM:\n{log_path.read_text()[-3000:]}")
-
-
-def wait_for(condition, timeout_s: float, what: str, process=None, log_path: Path | None = None,
-             fail: bool = True):
-    """Poll ``condition`` each second; on timeout fail naming ``what`` (or return False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the job exited ({process.returncode}) while waiting for {what}:\n"
-                        f"{log_path.read_text()[-3000:] if log_path else ''}")
-        time.sleep(1)
-    if fail:
-        pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n"
-                    f"{log_path.read_text()[-3000:] if log_path else ''}")
-    return False
 
 
 def committed(cfg) -> list[int]:

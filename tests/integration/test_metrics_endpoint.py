@@ -7,7 +7,6 @@ state's rows and a Kafka lag of 0 once the job caught up.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.clients import ensure_table, ensure_topics
 from models.store import ModelStore
 from tests.small_models import small_als
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,16 +52,6 @@ def samples(port: int) -> dict[tuple, float]:
     _, text = scrape(port)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_a_running_job_reports_what_it_was_sent(spark, job_cfg):

@@ -12,15 +12,14 @@ import subprocess
 import sys
 import uuid
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from models.clients import dynamodb_client, ensure_table, ensure_topics, kafka_options
 from models.config import REPO_ROOT
 from models.records import RecordWriter
-from tests.contract import errors, item_validator, plain, record_validator, without_nulls
-from tests.small_models import PAST_CUTOFF, small_als
+from tests.contract import errors, every_strategy_scoring, item_validator, plain, record_validator, without_nulls
+from tests.small_models import PAST_CUTOFF
 from tests.topics import read_topic
 
 pytestmark = pytest.mark.integration
@@ -185,24 +184,11 @@ def test_the_stream_records_meet_the_contract_on_topic_and_table(own_cfg):
     """Records as the streaming job makes them (streaming.refresh, every strategy; a re-filled one
     without offsets), a re-filled batch record, and an older record written after a newer one."""
     from streaming.refresh import records_for, score_customers
-    from streaming.serving import ServingModel
     from streaming.state import iso_to_ms
     from tools.refill import batch_records
 
-    artifact = small_als()
-    artifact.params = {**artifact.params, "segment_column": "country",
-                       "segment_popularity": {"FR": {"items": [4, 2], "buyers": [3.0, 1.0]}}}
-    model = ServingModel.prepare(artifact.validate())
     after = iso_to_ms(PAST_CUTOFF) + 60_000
-    frame = pd.DataFrame({
-        "customer_id": ["K1", "NEW-FR", "NEW", "REFILLED"],
-        "product_ids": [["P1", "P3"], ["UNKNOWN"], ["UNKNOWN"], ["P2"]],
-        "quantities": [[2, 1], [1], [1], [1]],
-        "event_times_ms": [[after, after + 5], [after], [after], [after]],
-        "source_offsets": [{"transactions-0": 7, "transactions-1": 3}, {"transactions-1": 4},
-                           {"transactions-0": 9}, None]})
-    scored = score_customers(model, frame, k=3, exclude_purchased=True,
-                             segments=np.array([None, "FR", "XX", None], dtype=object))
+    model, frame, scored = every_strategy_scoring(after)
     stream = records_for(model, frame, scored, computed_at_ms=after + 99)
     older = records_for(model, frame.head(1).assign(event_times_ms=[[after - 1]]),
                         score_customers(model, frame.head(1), k=3, exclude_purchased=True), computed_at_ms=after + 500)

@@ -25,6 +25,7 @@ from models.clients import ensure_table, ensure_topics, kafka_options
 from models.records import read_table_item
 from models.store import ModelStore
 from tests.topics import read_topic
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -389,17 +390,17 @@ def test_a_model_published_while_events_flow_is_picked_up(spark, job_cfg, model,
     producer = threading.Thread(target=flow, daemon=True)
     producer.start()
     try:
-        _wait_for(lambda: job.metrics.totals["new_events"] >= 40, 240, "purchases scored with the first model")
+        wait_for(lambda: job.metrics.totals["new_events"] >= 40, 240, "purchases scored with the first model")
         store.publish(second)           # purchases 1-40 min after the first cutoff are in its window
-        _wait_for(lambda: job.holder.model.version == second.version, 120, "the second model served")
+        wait_for(lambda: job.holder.model.version == second.version, 120, "the second model served")
         scored = job.metrics.totals["new_events"]
-        _wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120, "purchases scored with it")
+        wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120, "purchases scored with it")
         # A broken version with a later cutoff: were its cutoff applied, the state would drop
         # every purchase of the flow as "already in the model" and refresh nobody.
         broken = _break_and_point_to(store, replace(model, cutoff_time=cutoff_plus(second, days=30)))
-        _wait_for(lambda: broken in job.holder.refused, 120, "the broken model refused")
+        wait_for(lambda: broken in job.holder.refused, 120, "the broken model refused")
         scored = job.metrics.totals["new_events"]
-        _wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120, "purchases scored after it")
+        wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120, "purchases scored after it")
         stop_flow.set()
         producer.join(timeout=60)
         job.process_all_available()
@@ -473,21 +474,6 @@ def _kill_group(process, sig) -> None:
         pass
 
 
-def _wait_for(condition, timeout_s: float, what: str, process=None, log_path=None):
-    """Poll ``condition`` each second; fail naming ``what`` (and the job's log tail) on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the job exited ({process.returncode}) while waiting for {what}:\n"
-                        f"{log_path.read_text()[-3000:] if log_path else ''}")
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}:\n"
-                f"{log_path.read_text()[-3000:] if log_path else ''}")
-
-
 def test_sigkill_mid_stream_then_restart_counts_every_event_once(spark, job_cfg, model, tmp_path):
     import os
     import signal
@@ -509,7 +495,7 @@ def test_sigkill_mid_stream_then_restart_counts_every_event_once(spark, job_cfg,
                                                 for i in range(0, len(stream), 20)])
     try:
         producer.start()
-        _wait_for(lambda: commits.is_dir() and len(list(commits.glob("[0-9]*"))) >= 2, 240,
+        wait_for(lambda: commits.is_dir() and len(list(commits.glob("[0-9]*"))) >= 2, 240,
                   "two committed micro-batches", job, log_path)
         _kill_group(job, signal.SIGKILL)                        # mid-stream: no chance to clean up
         job.wait(timeout=30)
@@ -526,7 +512,7 @@ def test_sigkill_mid_stream_then_restart_counts_every_event_once(spark, job_cfg,
                     return False
             return True
 
-        _wait_for(all_reflected, 300, "every customer's purchases in the table", job, log_path)
+        wait_for(all_reflected, 300, "every customer's purchases in the table", job, log_path)
         os.kill(job.pid, signal.SIGTERM)     # graceful stop: to the driver, as `kill PID` does
         assert job.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     finally:

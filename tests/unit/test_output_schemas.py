@@ -15,9 +15,9 @@ import pytest
 from models import scorers
 from models.config import REPO_ROOT
 from models.records import SCHEMA_VERSION, RecommendationRecord, build_records
-from tests.contract import (ITEM_SCHEMA, RECORD_SCHEMA, errors, item_validator, load_schema, plain,
-                            record_validator, without_nulls)
-from tests.small_models import PAST_CUTOFF, small_als
+from tests.contract import (ITEM_SCHEMA, RECORD_SCHEMA, errors, every_strategy_scoring, item_validator, load_schema,
+                            plain, record_validator, without_nulls)
+from tests.small_models import PAST_CUTOFF
 
 DOCS = REPO_ROOT / "docs" / "schemas.md"
 NULLABLE = {"last_event_time", "last_event_ms", "source_offsets"}
@@ -134,25 +134,11 @@ def _record(customer: str, last_event_ms: int | None, computed_at_ms: int, **kwa
 
 
 def _stream_records() -> list[RecommendationRecord]:
-    from streaming.refresh import records_for, score_customers
-    from streaming.serving import ServingModel
+    from streaming.refresh import records_for
     from streaming.state import iso_to_ms
 
-    artifact = small_als()
-    artifact.params = {**artifact.params, "segment_column": "country",
-                       "segment_popularity": {"FR": {"items": [4, 2], "buyers": [3.0, 1.0]}}}
-    model = ServingModel.prepare(artifact.validate())
     after = iso_to_ms(PAST_CUTOFF) + 1_000
-    frame = pd.DataFrame({
-        "customer_id": ["K1", "NEW-FR", "NEW", "REFILLED"],
-        "product_ids": [["P1", "P3"], ["UNKNOWN"], ["UNKNOWN"], ["P2"]],
-        "quantities": [[2, 1], [1], [1], [1]],
-        "event_times_ms": [[after, after + 5], [after], [after], [after]],
-        "source_offsets": [{"transactions-0": 7, "transactions-1": 3}, {"transactions-1": 4},
-                           {"transactions-0": 9}, None]})
-    scored = score_customers(model, frame, k=3, exclude_purchased=True,
-                             segments=np.array([None, "FR", "XX", None], dtype=object))
-    return records_for(model, frame, scored, computed_at_ms=after + 99)
+    return records_for(*every_strategy_scoring(after), computed_at_ms=after + 99)
 
 
 def _batch_records() -> list[RecommendationRecord]:
