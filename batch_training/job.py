@@ -802,7 +802,8 @@ def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, sco
 
     tolerance_ms = duration_ms(cfg.get_path("batch.sink_outage_tolerance"), "batch.sink_outage_tolerance")
     try:
-        summary = writer.write(records, outage_tolerance_s=tolerance_ms / 1000, label="batch job sinks")
+        summary = writer.write(records, outage_tolerance_s=tolerance_ms / 1000, label="batch job sinks",
+                               tolerance_setting="batch.sink_outage_tolerance")
     finally:
         writer.close()
     log.info("sinks: %s", summary)

@@ -178,10 +178,11 @@ class RecordWriter:
         return boto3.resource("dynamodb", **kwargs).Table(self.table_name)
 
     def write(self, records: Iterable[RecommendationRecord], outage_tolerance_s: float = 0.0,
-              label: str = "records", sleep=time.sleep) -> WriteSummary:
+              label: str = "records", tolerance_setting: str | None = None) -> WriteSummary:
         """Write every record to each sink. What fails is re-sent alone (never the records already
         written), after a capped exponential backoff with a WARNING per attempt, for as long as the
-        failures last less than ``outage_tolerance_s``; past it, SinkError."""
+        failures last less than ``outage_tolerance_s``; past it, SinkError (naming
+        ``tolerance_setting``, the caller's setting of that tolerance)."""
         records = list(records)
         summary = WriteSummary(attempts=0)
         pending_topic = records if self._producer is not None else []
@@ -201,12 +202,13 @@ class RecordWriter:
                                  (("topic", topic_failed, topic_error), ("table", table_failed, table_error))
                                  if failed)
             if failing >= outage_tolerance_s:
+                setting = f" ({tolerance_setting})" if tolerance_setting else ""
                 raise SinkError(f"{label}: writing failed for {failing:.0f} s, past the outage tolerance of "
-                                f"{outage_tolerance_s:.0f} s (streaming.sink_outage_tolerance): {problems}")
+                                f"{outage_tolerance_s:.0f} s{setting}: {problems}")
             delay = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** (summary.attempts - 1), outage_tolerance_s - failing)
             log.warning("%s: %s; attempt %d failed, retrying only those in %.1f s (failing for %.0f s of the "
                         "%.0f s tolerated)", label, problems, summary.attempts, delay, failing, outage_tolerance_s)
-            sleep(delay)
+            time.sleep(delay)
             pending_topic, pending_table = topic_failed, table_failed
 
     def _send_to_topic(self, records: list[RecommendationRecord]) -> tuple[list, Exception | None]:

@@ -228,7 +228,7 @@ class BatchRefresher:
         replays the batch from the checkpoint, and the sinks take the replay idempotently)."""
         try:
             self.writer.write(records, outage_tolerance_s=self.settings.sink_outage_tolerance_ms / 1000,
-                              label=f"batch {batch_id}")
+                              label=f"batch {batch_id}", tolerance_setting="streaming.sink_outage_tolerance")
         except SinkError as err:
             log.error("%s; the query stops, and a restart replays batch %d from the checkpoint", err, batch_id)
             raise
@@ -253,6 +253,7 @@ class StreamingJob:
         self._stop_requested = threading.Event()
         self._stopped = False
         self._server = None
+        self._started_at = time.time()
 
     @property
     def scoring_query(self):

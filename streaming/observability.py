@@ -92,9 +92,6 @@ class Exporter:
         """An idle trigger: the query is alive, nothing arrived."""
         self.last_progress.labels(query).set(time.time())
 
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        """A sample's current value (for the job's own checks and the tests)."""
-        return self.registry.get_sample_value(name, labels or {})
 
 
 def kafka_lag(progress) -> dict[str, int]:

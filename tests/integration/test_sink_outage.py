@@ -9,13 +9,13 @@ import json
 import logging
 import threading
 import time
-import uuid
 
 import pytest
 
 from infra.services import DynamoDBEndpoint
 from models.clients import ensure_table, ensure_topics
 from models.records import RecommendationRecord, RecordWriter, SinkError, now_ms, read_table_item
+from tests.isolation import isolated_config
 from tests.topics import read_topic
 
 pytestmark = pytest.mark.integration
@@ -33,11 +33,9 @@ def records(n: int) -> list[RecommendationRecord]:
 
 @pytest.fixture
 def outage_cfg(cfg, kafka_broker, tmp_path):
-    suffix = uuid.uuid4().hex[:8]
-    own = cfg.with_overrides({
+    own = isolated_config(cfg, overrides={
         "run_dir": str(tmp_path), "dynamodb.local.port": OUTAGE_PORT,
-        "dynamodb.endpoint_url": f"http://127.0.0.1:{OUTAGE_PORT}",
-        "dynamodb.table": f"recs-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}"})
+        "dynamodb.endpoint_url": f"http://127.0.0.1:{OUTAGE_PORT}"})
     ensure_topics(own)
     endpoint = DynamoDBEndpoint(own)
     yield own, endpoint
@@ -90,5 +88,6 @@ def test_past_the_tolerance_the_writer_fails_with_a_clear_error(outage_cfg):
     started = time.monotonic()
     with pytest.raises(SinkError, match=r"past the outage tolerance of 3 s \(streaming.sink_outage_tolerance\)"
                                         r".*table: 5 failed"):
-        writer.write(records(5), outage_tolerance_s=3, label="batch 8")
+        writer.write(records(5), outage_tolerance_s=3, label="batch 8",
+                     tolerance_setting="streaming.sink_outage_tolerance")
     assert 3 <= time.monotonic() - started < 60
