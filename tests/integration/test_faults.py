@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from models.clients import ensure_table, ensure_topics, kafka_options
 from models.config import REPO_ROOT
 from models.records import read_table_item
 from models.store import ModelStore
+from tests.isolation import isolated_config
 from tests.waiting import wait_for
 from tests.topics import newest_records, read_topic
 
@@ -99,13 +99,8 @@ def customers_and_products(model: ModelArtifact) -> tuple[list[str], list[str]]:
 
 def scenario_config(cfg, folder: Path, **overrides):
     """Own topics, table, model store, checkpoint and run folder (plus ``overrides``)."""
-    suffix = uuid.uuid4().hex[:8]
-    return cfg.with_overrides({
+    return isolated_config(cfg, folder, {
         "run_dir": str(folder),
-        "kafka.topics.transactions": f"tx-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}",
-        "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}",
-        "model_store.uri": str(folder / "models"),
-        "streaming.checkpoint_dir": str(folder / "checkpoints"),
         "streaming.trigger_interval": "1 second", "streaming.dead_letter_trigger_interval": "5 seconds",
         "streaming.model_poll_interval": "1 second",
         "streaming.sink_outage_tolerance": TOLERANCE,

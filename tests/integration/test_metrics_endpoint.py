@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.clients import ensure_table, ensure_topics
 from models.store import ModelStore
+from tests.isolation import isolated_config
 from tests.small_models import small_als
 from tests.waiting import wait_for
 
@@ -26,11 +26,7 @@ AFTER_CUTOFF = "2025-02-01T10:00:00Z"
 
 @pytest.fixture
 def job_cfg(cfg, kafka_broker, dynamodb_endpoint, tmp_path):
-    suffix = uuid.uuid4().hex[:8]
-    own = cfg.with_overrides({
-        "kafka.topics.transactions": f"tx-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}",
-        "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}",
-        "model_store.uri": str(tmp_path / "models"), "streaming.checkpoint_dir": str(tmp_path / "checkpoints"),
+    own = isolated_config(cfg, tmp_path, {
         "streaming.trigger_interval": "1 second", "streaming.dead_letter_trigger_interval": "1 second",
         "streaming.metrics.port": 0})
     ensure_topics(own)

@@ -26,6 +26,7 @@ from models.config import REPO_ROOT
 from models.records import RecommendationRecord, RecordWriter, read_table_item
 from models.store import ModelStore
 from streaming.state import iso_to_ms
+from tests.isolation import isolated_config
 
 pytestmark = pytest.mark.integration
 
@@ -53,12 +54,8 @@ def published(spark, cfg, tmp_path_factory):
 
 
 def _own_config(job_cfg, folder):
-    suffix = uuid.uuid4().hex[:8]
-    own = job_cfg.with_overrides({
-        "kafka.topics.transactions": f"tx-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}",
-        "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}",
-        "streaming.checkpoint_dir": str(folder / f"checkpoints-{suffix}"),
-    })
+    own = isolated_config(job_cfg, overrides={
+        "streaming.checkpoint_dir": str(folder / f"checkpoints-{uuid.uuid4().hex[:8]}")})
     ensure_topics(own)
     ensure_table(own)
     return own

@@ -31,6 +31,7 @@ from models.clients import ensure_table, ensure_topics, kafka_options
 from models.config import REPO_ROOT
 from models.records import RecommendationRecord, RecordWriter, now_ms, read_table_item
 from models.store import ModelStore
+from tests.isolation import isolated_config
 from tests.small_models import small_als
 from tests.topics import read_topic
 
@@ -116,12 +117,8 @@ def test_the_sasl_listener_serves_both_scram_mechanisms_beside_the_unchanged_pla
 
 # -- the job, the batch sinks and the tools ----------------------------------------------------------
 def sasl_config(cfg, broker: KafkaBroker, folder: Path, password: str = PASSWORD) -> dict:
-    suffix = uuid.uuid4().hex[:8]
-    return cfg.with_overrides({
+    return isolated_config(cfg, folder, {
         "kafka.bootstrap_servers": broker.sasl_bootstrap, "kafka.client_options": scram_options(password),
-        "kafka.topics.transactions": f"tx-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}",
-        "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}",
-        "model_store.uri": str(folder / "models"), "streaming.checkpoint_dir": str(folder / "checkpoints"),
         "streaming.trigger_interval": "1 second", "streaming.dead_letter_trigger_interval": "1 second",
         "streaming.model_poll_interval": "1 second", "streaming.state_partitions": 2,
     })

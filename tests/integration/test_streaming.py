@@ -24,6 +24,7 @@ from models.artifact import ModelArtifact, new_version
 from models.clients import ensure_table, ensure_topics, kafka_options
 from models.records import read_table_item
 from models.store import ModelStore
+from tests.isolation import isolated_config
 from tests.topics import read_topic
 from tests.waiting import wait_for
 
@@ -88,12 +89,7 @@ def cutoff_plus(model: ModelArtifact, **delta) -> str:
 # -- per-test services -------------------------------------------------------------------------
 def own_config(cfg, folder, model: ModelArtifact):
     """Own topics, table, checkpoint and model store; the model published in the store."""
-    suffix = uuid.uuid4().hex[:8]
-    own = cfg.with_overrides({
-        "kafka.topics.transactions": f"tx-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}",
-        "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}",
-        "model_store.uri": str(folder / "models"),
-        "streaming.checkpoint_dir": str(folder / "checkpoints"),
+    own = isolated_config(cfg, folder, {
         "streaming.trigger_interval": "1 second", "streaming.dead_letter_trigger_interval": "1 second",
         "streaming.model_poll_interval": "1 second",
         "streaming.state_partitions": 3,   # not the session's shuffle partitions (tests/conftest.py)
