@@ -1,4 +1,4 @@
-"""The two local services, defined from the configuration."""
+"""The local services (a broker, a DynamoDB endpoint, a Spark standalone cluster), defined from the configuration."""
 from __future__ import annotations
 
 import base64
@@ -241,25 +241,34 @@ class DynamoDBEndpoint:
 
 
 class SparkStandalone:
-    """A local Spark standalone master and one worker, from the installed pyspark's own jars.
+    """A local Spark standalone master and ``spark.local_cluster.workers`` workers, from the
+    installed pyspark's own jars.
 
-    Not needed by the demo or the tests (they run Spark in-process); it is here to run the jobs
-    with ``spark-submit --master spark://127.0.0.1:7077`` exactly as on a cluster.
+    Not needed by the demo or the tests that run Spark in-process; it is here to run the jobs with
+    ``spark-submit --master spark://127.0.0.1:7077`` exactly as on a cluster: with two workers the
+    tasks of one stage run in two executor JVMs, each with its own Python workers, as they would on
+    two machines (docs/cluster.md).
     """
 
     name = "Spark standalone master"
+    REGISTERED = "Successfully registered with master"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.port = int(cfg.get_path("spark.local_cluster.port", 7077))
+        self.port = int(cfg.get_path("spark.local_cluster.port"))
         home = cfg.path("run_dir") / "spark-standalone"
         self.proc = ManagedProcess(self.name, home / "master", HOST, self.port)
-        self.worker = ManagedProcess("Spark standalone worker", home / "worker", HOST,
-                                     int(cfg.get_path("spark.local_cluster.worker_port", 7078)))
+        self.workers = [ManagedProcess(f"Spark standalone worker {i + 1}", home / f"worker-{i + 1}", HOST, port)
+                        for i, port in enumerate(worker_ports(cfg))]
 
     @property
     def master_url(self) -> str:
         return f"spark://{HOST}:{self.port}"
+
+    @staticmethod
+    def work_dir(worker: ManagedProcess) -> Path:
+        """Its SPARK_WORKER_DIR: ``<app-id>/<executor-id>/stderr`` holds each executor's log."""
+        return worker.home / "work"
 
     def _spark_class(self, *args: str) -> list[str]:
         import pyspark
@@ -267,29 +276,73 @@ class SparkStandalone:
         spark_home = Path(pyspark.__file__).parent
         return [str(spark_home / "bin" / "spark-class"), *args]
 
+    def worker_command(self, worker: ManagedProcess) -> list[str]:
+        """Cores and memory are per worker: each becomes one executor of that size."""
+        return self._spark_class("org.apache.spark.deploy.worker.Worker", self.master_url,
+                                 "--host", HOST, "--port", str(worker.port), "--webui-port", "0",
+                                 "--cores", str(self.cfg.get_path("spark.local_cluster.worker_cores")),
+                                 "--memory", str(self.cfg.get_path("spark.local_cluster.worker_memory")),
+                                 "--work-dir", str(self.work_dir(worker)))
+
     def start(self, timeout: float = 60) -> bool:
+        """The master, then each worker; returns once every worker has registered with the master
+        (an application submitted earlier could get fewer executors than there are workers)."""
         from infra.process import port_open
 
-        env = {"SPARK_LOG_DIR": str(self.proc.home), "PYSPARK_PYTHON": sys.executable,
-               "SPARK_WORKER_DIR": str(self.worker.home / "work")}
+        # SPARK_LOCAL_IP: the executors the workers launch bind to the loopback address too.
+        env = {"SPARK_LOG_DIR": str(self.proc.home), "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": HOST}
         started = self.proc.start(self._spark_class("org.apache.spark.deploy.master.Master", "--host", HOST,
                                                      "--port", str(self.port), "--webui-port", "0"),
                                   lambda: port_open(HOST, self.port), timeout, env)
-        memory = str(self.cfg.get_path("spark.local_cluster.worker_memory", "4g"))
-        cores = str(self.cfg.get_path("spark.local_cluster.worker_cores", 2))
-        self.worker.start(self._spark_class("org.apache.spark.deploy.worker.Worker", self.master_url,
-                                            "--host", HOST, "--port", str(self.worker.port),
-                                            "--webui-port", "0", "--cores", cores, "--memory", memory),
-                          lambda: port_open(HOST, self.worker.port), timeout, env)
+        for worker in self.workers:
+            logged = _log_size(worker.log_file) if worker.pid() is None else 0
+            worker.start(self.worker_command(worker),
+                         lambda w=worker, offset=logged: port_open(HOST, w.port) and _logged_since(
+                             w.log_file, offset, self.REGISTERED), timeout,
+                         {**env, "SPARK_LOG_DIR": str(worker.home)})
         return started
 
     def check(self) -> None:
         self.proc.check()
-        self.worker.check()
+        for worker in self.workers:
+            worker.check()
 
     def stop(self) -> bool:
-        self.worker.stop()
+        """The workers first (they would otherwise retry the vanished master), then the master."""
+        for worker in self.workers:
+            worker.stop()
         return self.proc.stop()
+
+
+def worker_ports(cfg: Config) -> list[int]:
+    """``spark.local_cluster.worker_port`` + i for each of the ``workers``: distinct, none the master's."""
+    count = int(cfg.get_path("spark.local_cluster.workers"))
+    first = int(cfg.get_path("spark.local_cluster.worker_port"))
+    master = int(cfg.get_path("spark.local_cluster.port"))
+    if count < 1:
+        raise ServiceError(f"spark.local_cluster.workers must be 1 or more (it is {count})")
+    ports = [first + i for i in range(count)]
+    if master in ports:
+        raise ServiceError(f"spark.local_cluster.port {master} falls among the worker ports "
+                           f"{ports[0]}-{ports[-1]} (worker_port + 0..workers-1): move one of them")
+    return ports
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _logged_since(path: Path, offset: int, text: str) -> bool:
+    """Whether ``text`` appears in the log after byte ``offset`` (the log is appended to across starts)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return text.encode() in log.read()
+    except FileNotFoundError:
+        return False
 
 
 def all_services(cfg: Config) -> dict[str, KafkaBroker | DynamoDBEndpoint]:
