@@ -11,7 +11,9 @@ Latency = when the customer's refreshed record was written (topic flushed and ta
 minus the event's Kafka timestamp (its produce time). Throughput = purchases the job folded into
 the state and scored per second over the measured window; the job keeps up when it drains within
 a couple of trigger intervals of the producer stopping. Also reported: customers refreshed per
-second, the median micro-batch and its split (state stage, scoring, writing) over the window, and
+second, the Python driver's CPU time per 1,000 refreshed customers (foreachBatch's thread: it
+must stay flat as batches grow, the per-customer work being on the executors), the median
+micro-batch and its task times (state stage, scoring, table writing) over the window, and
 the peak resident memory of this process and its children (the Spark JVM, the Python workers),
 sampled from /proc every 0.5 s over the whole run, and Spark's own progress of both queries over
 the window (median phases, state operator times, the share of the window each spent in batches).
@@ -125,7 +127,6 @@ class Producer(threading.Thread):
 def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, seed: int,
         drain_timeout_s: float = 300, to_table: bool = True) -> dict:
     from models.clients import ensure_table, ensure_topics
-    from models.records import RecordWriter
     from models.spark import build_spark
     from models.store import ModelStore
     from streaming.job import StreamingJob
@@ -139,7 +140,7 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
     ensure_topics(own)
     ensure_table(own)
     spark = build_spark(own, "reco-streaming-bench")
-    job = StreamingJob(own, spark, writer=RecordWriter(own, to_table=to_table)).start()
+    job = StreamingJob(own, spark, write_table=to_table).start()
     producer = Producer(own, artifact, rate, warmup_s + duration_s, new_share, seed)
     try:
         producer.start()
@@ -171,6 +172,9 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         "mean_batch_rows": round(float(np.mean([r.input_rows for r in in_window])), 1) if in_window else None,
         "customers_refreshed_per_s": round(sum(r.customers_refreshed for r in in_window) / window_s, 1)
         if window_s > 0 else None,
+        "driver_cpu_s_per_1000_customers": _driver_cpu_per_1000(in_window),
+        "driver_cpu_ms_per_batch_median": round(float(np.median([r.driver_cpu_ms for r in in_window])), 1)
+        if in_window else None,
         "median_batch": _median_batch(in_window),
         "spark_progress": {name: _progress_profile(items, window_start_ms, window_end_ms)
                            for name, items in progress.items()},
@@ -184,6 +188,13 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
         "state_partitions": StreamingSettings.from_config(own).state_partitions,
         "sinks": "topic and table" if to_table else "topic only",
     }
+
+
+def _driver_cpu_per_1000(reports) -> float | None:
+    """The Python driver's CPU seconds in foreachBatch per 1,000 refreshed customers: with the
+    per-customer work on the executors it must not grow with the batch size."""
+    customers = sum(r.customers_refreshed for r in reports)
+    return round(sum(r.driver_cpu_ms for r in reports) / 1000 / customers * 1000, 4) if customers else None
 
 
 def _median_batch(reports) -> dict | None:

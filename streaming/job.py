@@ -6,11 +6,12 @@
    (``streaming.dead_letter_trigger_interval``): dead letters are not latency-critical, and each
    micro-batch has a fixed cost the scoring query would otherwise share its cores with.
 2. ``reco-scoring``: validate -> valid rows -> per-customer purchase state
-   (``transformWithState``, RocksDB state store, streaming/state.py) -> ``foreachBatch``
-   on the driver: pick the model for the batch (handed to the state's tasks, streaming/served.py),
-   refresh the customers with new purchases against it
-   (streaming/refresh.py) and write their records with the one writer of both jobs
-   (models.records.RecordWriter: the recommendations topic and the newest-wins DynamoDB table).
+   (``transformWithState``, RocksDB state store, streaming/state.py) -> ``foreachBatch``, where
+   the driver only picks the model for the batch and hands it to the tasks (streaming/served.py);
+   the executors refresh the customers with new purchases against it and write their records to
+   the newest-wins DynamoDB table (streaming/executor.py), and Spark's Kafka sink writes them to
+   the recommendations topic, all in one Spark job per micro-batch. Nothing per customer runs
+   on the driver, so adding executors adds throughput.
 
 Each query has its own checkpoint under ``streaming.checkpoint_dir``. The scoring query's state
 and offsets are committed together per micro-batch, so after a crash the batch is replayed from
@@ -28,12 +29,13 @@ import numpy as np
 import pandas as pd
 
 from models.config import Config
-from models.records import RecordWriter, SinkError, now_ms
+from models.records import now_ms
 from streaming.events import REASON_KINDS, ValidationRules, validate_values
 from streaming.metrics import (DEAD_LETTER_QUERY, REASON_PREFIX, SCORING_QUERY, VALIDATION_OBSERVATION,
                                RefreshFigures, StreamMetrics, make_listener)
+from streaming import latency as latency_hist
+from streaming.executor import SCORED_SCHEMA, ExecutorSettings, SummaryList, scorer
 from streaming.observability import Exporter, serve
-from streaming.refresh import records_for, score_customers
 from streaming.served import hand_to_executors
 from streaming.serving import ModelHolder
 from streaming.settings import StreamingSettings
@@ -158,10 +160,9 @@ def purchase_state_stream(validated, settings: StreamingSettings):
         timeMode="ProcessingTime")
 
 
-def _check_state_cutoff(frame: pd.DataFrame, model, batch_id: int) -> None:
+def _check_state_cutoff(applied: set[int], model, batch_id: int) -> None:
     """The state must have applied the served model's cutoff (handed over as a local property):
     anything else means the hand-over broke, and purchases may be miscounted."""
-    applied = {int(c) for c in frame["cutoff_ms"].dropna()} if len(frame) else set()
     expected = model.cutoff_ms if model is not None else None
     if applied and applied != {expected}:
         log.error("batch %d: the state applied cutoff(s) %s but the served model %s has %s; the driver's "
@@ -169,45 +170,62 @@ def _check_state_cutoff(frame: pd.DataFrame, model, batch_id: int) -> None:
                   model.version if model else None, expected)
 
 
-class BatchRefresher:
-    """The scoring query's foreachBatch: score the customers with new purchases, write, measure."""
+def sink_kafka_options(cfg: Config, settings: StreamingSettings) -> dict[str, str]:
+    """Spark's Kafka sink for the recommendations topic: the connection options, and a producer
+    that rides out a broker outage up to ``streaming.sink_outage_tolerance`` (its sends wait and
+    retry that long before the task fails; a restart then replays the batch)."""
+    from models.clients import spark_kafka_options
 
-    def __init__(self, settings: StreamingSettings, holder: ModelHolder, writer: RecordWriter,
-                 metrics: StreamMetrics):
+    tolerance_ms = max(1000, settings.sink_outage_tolerance_ms)
+    # Records come in bursts of a micro-batch: 1 MB batches send them faster than the 16 kB default.
+    return {**spark_kafka_options(cfg), "kafka.acks": "all", "kafka.linger.ms": "5",
+            "kafka.batch.size": str(1 << 20), "kafka.delivery.timeout.ms": str(tolerance_ms),
+            "kafka.request.timeout.ms": str(min(30_000, tolerance_ms - 5)), "kafka.max.block.ms": str(tolerance_ms),
+            "kafka.reconnect.backoff.max.ms": "2000", "topic": str(cfg.get_path("kafka.topics.recommendations"))}
+
+
+class BatchRefresher:
+    """The scoring query's foreachBatch: on the driver, O(1) work per micro-batch.
+
+    It picks the model for the batch and hands it to the tasks, then runs ONE Spark job: the state
+    stage, the executors' scoring and table writes (streaming/executor.py) and Spark's Kafka sink;
+    the executors' summaries come back in an accumulator. One action: the state is updated
+    exactly once per batch.
+    """
+
+    def __init__(self, settings: StreamingSettings, holder: ModelHolder, executor_settings: ExecutorSettings,
+                 sink_options: dict[str, str], metrics: StreamMetrics):
         self.settings = settings
         self.holder = holder
-        self.writer = writer
+        self.executor_settings = executor_settings
+        self.sink_options = sink_options
         self.metrics = metrics
+        self._summaries = None           # the SummaryList accumulator, made with the first batch
 
     def __call__(self, batch_df, batch_id: int) -> None:
-        started = time.perf_counter()
+        started, started_ms, cpu_started = time.perf_counter(), now_ms(), time.thread_time()
+        context = batch_df.sparkSession.sparkContext
         model = self.holder.current()      # decided once, here, for every task of the batch
-        hand_to_executors(batch_df.sparkSession.sparkContext, model.version if model else None,
-                          model.cutoff_ms if model else None)
-        frame = batch_df.toPandas()        # one action: the state is updated exactly once per batch
-        figures = RefreshFigures(customers_in_batch=len(frame), state_ms=(time.perf_counter() - started) * 1000)
-        if len(frame):
-            figures.new_events = int(frame["new_events"].sum())
-            figures.duplicate_events = int(frame["duplicate_events"].sum())
-            figures.before_cutoff_events = int(frame["before_cutoff_events"].sum())
+        hand_to_executors(context, model.version if model else None, model.cutoff_ms if model else None,
+                          batch_id, started_ms)
+        if self._summaries is None:
+            self._summaries = context.accumulator([], SummaryList())
+        self._summaries._value = []        # batches run one at a time on this thread
+        try:
+            (batch_df.mapInPandas(scorer(self.executor_settings, self._summaries), SCORED_SCHEMA)
+             .write.mode("append").format("kafka").options(**self.sink_options).save())
+        except Exception as err:
+            log.error("batch %d failed on the executors or in the topic sink (%s); the query stops, and a "
+                      "restart replays the batch from the checkpoint", batch_id, _first_line(err))
+            raise
+        output_ms = now_ms()
+        figures = figures_from(self._summaries.value, output_ms - started_ms)
         figures.model_version = model.version if model else None
-        _check_state_cutoff(frame, model, batch_id)
-        changed = frame[frame["new_events"] > 0].reset_index(drop=True) if len(frame) else frame
-        if model is not None and len(changed):
-            scoring_started = time.perf_counter()
-            scored = score_customers(model, changed, self.settings.k, self.settings.exclude_purchased,
-                                     segments=changed["segment"].to_numpy(object))
-            records = records_for(model, changed, scored, computed_at_ms=now_ms())
-            writing_started = time.perf_counter()
-            figures.score_ms = (writing_started - scoring_started) * 1000
-            self._write(records, batch_id)
-            figures.write_ms = (time.perf_counter() - writing_started) * 1000
-            figures.output_ms = output_ms = now_ms()
-            figures.customers_refreshed = len(records)
-            figures.latencies_ms = output_ms - np.concatenate(
-                [np.asarray(ts, dtype=np.int64) for ts in changed["new_kafka_ts_ms"]])
+        figures.output_ms = output_ms
+        _check_state_cutoff(figures.applied_cutoffs, model, batch_id)
         self._warn_if_nothing_scored(batch_id, figures, model)
         figures.refresh_ms = (time.perf_counter() - started) * 1000
+        figures.driver_cpu_ms = (time.thread_time() - cpu_started) * 1000
         self.metrics.record_refresh(batch_id, figures)
 
     def _warn_if_nothing_scored(self, batch_id: int, figures: RefreshFigures, model) -> None:
@@ -223,21 +241,38 @@ class BatchRefresher:
                    f"({model.artifact.cutoff_time}); check that model's cutoff and the producers' clocks")
         log.warning("batch %d: %d purchases received, none scored: %s", batch_id, arrived, why)
 
-    def _write(self, records, batch_id: int) -> None:
-        """Write, riding out a sink outage up to the tolerance; past it the query stops (a restart
-        replays the batch from the checkpoint, and the sinks take the replay idempotently)."""
-        try:
-            self.writer.write(records, outage_tolerance_s=self.settings.sink_outage_tolerance_ms / 1000,
-                              label=f"batch {batch_id}", tolerance_setting="streaming.sink_outage_tolerance")
-        except SinkError as err:
-            log.error("%s; the query stops, and a restart replays batch %d from the checkpoint", err, batch_id)
-            raise
+
+def figures_from(summaries: list[dict], batch_ms: int) -> RefreshFigures:
+    """The batch's figures from the executors' summaries (one per Arrow batch of a task); their
+    latency histogram counts ages at the batch start, shifted here by the batch's duration."""
+    figures = RefreshFigures()
+    for part in summaries:
+        figures.customers_in_batch += part["customers"]
+        figures.customers_refreshed += part["refreshed"]
+        figures.new_events += part["new_events"]
+        figures.duplicate_events += part["duplicate_events"]
+        figures.before_cutoff_events += part["before_cutoff_events"]
+        figures.score_ms += part["score_ms"]
+        figures.write_ms += part["write_ms"]
+        figures.load_ms += part["load_ms"]
+        figures.table_written += part["table_written"]
+        figures.table_stale += part["table_stale"]
+        figures.table_retries += part["table_retries"]
+        figures.applied_cutoffs.update(part["cutoffs"])
+        figures.latency += latency_hist.from_sparse(part["latency"])
+    figures.latency = latency_hist.shifted(figures.latency, batch_ms)
+    return figures
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 class StreamingJob:
     """Builds, starts, watches and stops the two queries (see the module docstring)."""
 
-    def __init__(self, cfg: Config, spark, store=None, writer: RecordWriter | None = None):
+    def __init__(self, cfg: Config, spark, store=None, write_table: bool = True):
         from models.store import ModelStore
 
         self.cfg = cfg
@@ -247,7 +282,9 @@ class StreamingJob:
         self.metrics = StreamMetrics(exporter=Exporter())
         self.holder = ModelHolder(store or ModelStore.from_config(cfg), self.settings.model_poll_interval_ms,
                                   default_count_mode=str(cfg.get_path("data.count_mode", "rows")))
-        self.writer = writer or RecordWriter(cfg)
+        self.executor_settings = ExecutorSettings.from_config(cfg, self.settings, write_table=write_table)
+        self.recommendations_topic = str(cfg.get_path("kafka.topics.recommendations"))
+        self.table_name = str(cfg.get_path("dynamodb.table")) if write_table else None
         self.queries: list = []
         self._listener = None
         self._stop_requested = threading.Event()
@@ -281,8 +318,9 @@ class StreamingJob:
                        .options(**spark_kafka_options(self.cfg)).option("topic", self.settings.dead_letter_topic)
                        .option("checkpointLocation", f"{checkpoint}/dead-letter"))
         scoring = (purchase_state_stream(validated, self.settings).writeStream.queryName(SCORING_QUERY)
-                   .outputMode("update").foreachBatch(BatchRefresher(self.settings, self.holder, self.writer,
-                                                                     self.metrics))
+                   .outputMode("update").foreachBatch(BatchRefresher(
+                       self.settings, self.holder, self.executor_settings,
+                       sink_kafka_options(self.cfg, self.settings), self.metrics))
                    .option("checkpointLocation", f"{checkpoint}/scoring"))
         for writer, interval_ms in ((dead_letter, self.settings.dead_letter_trigger_interval_ms),
                                     (scoring, self.settings.trigger_interval_ms)):
@@ -290,7 +328,7 @@ class StreamingJob:
                       else writer.trigger(processingTime=f"{interval_ms} milliseconds"))
             self.queries.append(writer.start())
         log.info("streaming scorer started: %s -> %s and table %s (dead letters: %s), checkpoints in %s, "
-                 "trigger %s", self.settings.transactions_topic, self.writer.topic, self.writer.table_name,
+                 "trigger %s", self.settings.transactions_topic, self.recommendations_topic, self.table_name or "(none)",
                  self.settings.dead_letter_topic, checkpoint,
                  "available-now" if available_now else
                  f"every {self.settings.trigger_interval_ms} ms (dead letters every "
@@ -363,7 +401,6 @@ class StreamingJob:
         if self._listener is not None:
             self.spark.streams.removeListener(self._listener)
             self._listener = None
-        self.writer.close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

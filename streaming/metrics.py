@@ -1,10 +1,11 @@
 """Per-micro-batch figures: one log line per batch and a StreamingQueryListener feeding them.
 
-The scoring query's foreachBatch knows what it refreshed and the event-to-output latency
-(output time minus each event's Kafka timestamp, i.e. its produce time); Spark's progress report
-knows the input rows, the batch duration and the invalid rows (an ``observe`` on the validated
-stream). The listener joins the two by (run id, batch id), logs the line and keeps the figures
-for the operator (``summary()``, the stop line) and the tests.
+The scoring query's foreachBatch learns from the executors' summaries what they refreshed, how
+long their tasks scored and wrote, and the event-to-output latency as a histogram
+(streaming/latency.py); Spark's progress report knows the input rows, the batch duration, the
+state operator's time and the invalid rows (an ``observe`` on the validated stream). The listener
+joins the two by (run id, batch id), logs the line and keeps the figures for the operator (the
+stop line, the metrics endpoint) and the tests.
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from streaming import latency as latency_hist
+from streaming.latency import N_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +39,18 @@ class RefreshFigures:
     before_cutoff_events: int = 0
     unscored_events: int = 0           # purchases received but not scored (no model, or none servable)
     model_version: str | None = None
-    refresh_ms: float = 0.0            # the whole foreachBatch, of which:
-    state_ms: float = 0.0              #   running the batch up to the state (validation, state store)
+    refresh_ms: float = 0.0            # the whole foreachBatch (the driver's wall time)
+    driver_cpu_ms: float = 0.0         # the driver's CPU time in it (Python; must not grow with the batch)
+    # Task times summed over the executors (tasks run in parallel, so these can exceed refresh_ms):
     score_ms: float = 0.0              #   scoring the refreshed customers
-    write_ms: float = 0.0              #   writing their records to the topic and the table
+    write_ms: float = 0.0              #   writing their records to the table
+    load_ms: float = 0.0               #   loading a newly served model into the workers
+    table_written: int = 0
+    table_stale: int = 0               # table items not replaced: the table held a newer record
+    table_retries: int = 0             # table write attempts that failed and were retried
     output_ms: int = 0                 # when the records were written (epoch ms)
-    latencies_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    applied_cutoffs: set = field(default_factory=set)   # the model cutoffs the state's tasks applied
+    latency: np.ndarray = field(default_factory=lambda: np.zeros(N_BUCKETS, dtype=np.int64))  # histogram
 
 
 @dataclass
@@ -60,9 +70,11 @@ class BatchReport:
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     model_version: str | None = None
-    state_ms: float = 0.0
-    score_ms: float = 0.0
-    write_ms: float = 0.0
+    state_ms: float = 0.0              # Spark's state operator (all updates), summed over tasks
+    score_ms: float = 0.0              # the executors' scoring, summed over tasks
+    write_ms: float = 0.0              # the executors' table writes, summed over tasks
+    table_retries: int = 0
+    driver_cpu_ms: float = 0.0         # the Python driver's CPU time in the batch's foreachBatch
     timestamp: str = ""
 
     def line(self) -> str:
@@ -75,26 +87,25 @@ class BatchReport:
                 f"{self.new_events:,} new purchases ({self.duplicate_events:,} duplicates, "
                 f"{self.before_cutoff_events:,} before the model cutoff, {self.unscored_events:,} not scored), "
                 f"{self.customers_refreshed:,} customers refreshed, batch {self.duration_ms:,} ms "
-                f"(state {self.state_ms:,.0f}, scoring {self.score_ms:,.0f}, writing {self.write_ms:,.0f}), "
+                f"(task times: state {self.state_ms:,.0f}, scoring {self.score_ms:,.0f}, writing {self.write_ms:,.0f}"
+                f"{f', {self.table_retries:,} table write retries' if self.table_retries else ''}), "
                 f"event-to-output latency {latency}, model {self.model_version}")
 
 
 class StreamMetrics:
     """Figures of the running job, filled by foreachBatch and the listener (thread-safe)."""
 
-    def __init__(self, history: int = 10_000, latency_reservoir: int = 1_000_000, exporter=None):
+    def __init__(self, history: int = 10_000, exporter=None):
         self.exporter = exporter            # streaming.observability.Exporter, or None
         self.last_seen: dict[str, float] = {}   # query name -> when it last reported (progress or idle)
         self._lock = threading.Lock()
         self._pending: dict[int, RefreshFigures] = {}
         self._reported: deque[tuple[str, str, int]] = deque(maxlen=1000)   # recent batches already logged
         self.reports: deque[BatchReport] = deque(maxlen=history)
-        self._latencies: deque[tuple[int, np.ndarray]] = deque()   # (output time ms, latencies)
-        self._latency_count = 0
-        self._latency_reservoir = latency_reservoir
+        self._latencies: deque[tuple[int, np.ndarray]] = deque(maxlen=history)   # (output ms, histogram)
         self.totals = {"input_rows": 0, "invalid_rows": 0, "customers_refreshed": 0, "new_events": 0,
                        "duplicate_events": 0, "before_cutoff_events": 0, "unscored_events": 0,
-                       "dead_lettered": 0, "batches": 0}
+                       "table_retries": 0, "dead_lettered": 0, "batches": 0}
         self.started = time.time()
 
     def record_refresh(self, batch_id: int, figures: RefreshFigures) -> None:
@@ -102,11 +113,8 @@ class StreamMetrics:
             self.exporter.on_refresh(figures)
         with self._lock:
             self._pending[int(batch_id)] = figures
-            if len(figures.latencies_ms):
-                self._latencies.append((figures.output_ms, np.asarray(figures.latencies_ms, dtype=np.float64)))
-                self._latency_count += len(figures.latencies_ms)
-                while self._latency_count > self._latency_reservoir and len(self._latencies) > 1:
-                    self._latency_count -= len(self._latencies.popleft()[1])
+            if figures.latency.any():
+                self._latencies.append((figures.output_ms, figures.latency))
 
     def on_progress(self, progress) -> BatchReport | None:
         """Build, keep and log the report of one finished micro-batch (``progress``: Spark's).
@@ -141,10 +149,14 @@ class StreamMetrics:
                     report.before_cutoff_events = figures.before_cutoff_events
                     report.unscored_events = figures.unscored_events
                     report.model_version = figures.model_version
-                    report.state_ms, report.score_ms, report.write_ms = figures.state_ms, figures.score_ms, figures.write_ms
-                    if len(figures.latencies_ms):
-                        report.latency_p50_ms, report.latency_p95_ms = (
-                            float(v) for v in np.percentile(figures.latencies_ms, [50, 95]))
+                    report.score_ms, report.write_ms = figures.score_ms, figures.write_ms
+                    report.table_retries = figures.table_retries
+                    report.driver_cpu_ms = figures.driver_cpu_ms
+                    batch_latency = latency_hist.percentiles(figures.latency, (50, 95))
+                    if batch_latency is not None:
+                        report.latency_p50_ms, report.latency_p95_ms = batch_latency["p50"], batch_latency["p95"]
+                if progress.stateOperators:
+                    report.state_ms = float(progress.stateOperators[0].allUpdatesTimeMs)
                 self._add_totals(report)
             else:
                 self.totals["dead_lettered"] += report.invalid_rows
@@ -161,26 +173,16 @@ class StreamMetrics:
     def _add_totals(self, report: BatchReport) -> None:
         self.totals["batches"] += 1
         for name in ("input_rows", "invalid_rows", "customers_refreshed", "new_events", "duplicate_events",
-                     "before_cutoff_events", "unscored_events"):
+                     "before_cutoff_events", "unscored_events", "table_retries"):
             self.totals[name] += getattr(report, name)
 
     def latency_percentiles(self, percentiles=(50, 95, 99), since_ms: int | None = None) -> dict[str, float] | None:
-        """Event-to-output latency (ms) of the kept events output at or after ``since_ms`` (epoch
-        ms; None: all), or None when there are none."""
+        """Event-to-output latency (ms) of the events of the kept batches output at or after
+        ``since_ms`` (epoch ms; None: all), or None when there are none (within a bucket's width,
+        streaming/latency.py)."""
         with self._lock:
-            kept = [values for output_ms, values in self._latencies if since_ms is None or output_ms >= since_ms]
-            if not kept:
-                return None
-            values = np.concatenate(kept)
-        return {f"p{p}": float(v) for p, v in zip(percentiles, np.percentile(values, percentiles))} \
-            | {"events": int(len(values))}
-
-    def summary(self) -> dict:
-        with self._lock:
-            totals = dict(self.totals)
-            reports = [asdict(r) for r in list(self.reports)[-5:]]
-        return {"totals": totals, "latency_ms": self.latency_percentiles(), "recent_batches": reports,
-                "uptime_s": round(time.time() - self.started, 1)}
+            kept = [counts for output_ms, counts in self._latencies if since_ms is None or output_ms >= since_ms]
+        return latency_hist.percentiles(np.sum(kept, axis=0), percentiles) if kept else None
 
 
 def _invalid_by_reason(observed) -> dict[str, int]:

@@ -15,13 +15,19 @@ log = logging.getLogger(__name__)
 
 VERSION_PROPERTY = "reco.served.version"
 CUTOFF_PROPERTY = "reco.served.cutoff_ms"
+BATCH_PROPERTY = "reco.batch.id"
+STARTED_PROPERTY = "reco.batch.started_ms"   # the driver's clock at the batch start (latency)
 NO_MODEL = ""        # no model served yet: purchases are kept, none is dropped as "in the model"
 
 
-def hand_to_executors(spark_context, version: str | None, cutoff_ms: int | None) -> None:
-    """Driver side: the served model of the batch about to run on this thread."""
+def hand_to_executors(spark_context, version: str | None, cutoff_ms: int | None, batch_id: int = -1,
+                      started_ms: int = 0) -> None:
+    """Driver side: the served model of the batch about to run on this thread, its id and when
+    it started."""
     spark_context.setLocalProperty(VERSION_PROPERTY, version or NO_MODEL)
     spark_context.setLocalProperty(CUTOFF_PROPERTY, NO_MODEL if cutoff_ms is None else str(int(cutoff_ms)))
+    spark_context.setLocalProperty(BATCH_PROPERTY, str(int(batch_id)))
+    spark_context.setLocalProperty(STARTED_PROPERTY, str(int(started_ms)))
 
 
 def served_cutoff_ms() -> int | None:
@@ -34,6 +40,11 @@ def served_cutoff_ms() -> int | None:
 def served_version() -> str | None:
     """Executor side: the version the driver serves for this task's batch (None: no model)."""
     return _property(VERSION_PROPERTY) or None
+
+
+def served_batch() -> tuple[int, int]:
+    """Executor side: (batch id, the driver's batch start in epoch ms) of this task's batch."""
+    return int(_property(BATCH_PROPERTY) or -1), int(_property(STARTED_PROPERTY) or 0)
 
 
 def _property(name: str) -> str | None:

@@ -24,6 +24,7 @@ written to .run/test/faults.json.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -375,7 +376,7 @@ def retried_sinks(retries) -> str:
     return "+".join(sinks) or "none"
 
 
-WRITING_MS = re.compile(r"scoring batch (\d+): .*?writing ([\d,]+)\)")
+WRITING_MS = re.compile(r"scoring batch (\d+): .*?writing ([\d,]+)[,)]")
 
 
 def longest_write_s(text: str) -> float:
@@ -461,62 +462,64 @@ def test_broker_killed_and_restarted_mid_flow(spark, cfg, model, tmp_path):
 
 
 # -- 2. the DynamoDB endpoint down longer than the old retry budget ----------------------------
-def test_table_endpoint_down_longer_than_the_old_retry_budget(spark, cfg, kafka_broker, model, tmp_path, caplog):
-    from streaming.job import StreamingJob
-
+def test_table_endpoint_down_longer_than_the_old_retry_budget(spark, cfg, kafka_broker, model, tmp_path):
     started = time.monotonic()
     own = scenario_config(cfg, tmp_path, **own_endpoint_overrides("table"))
     endpoint = DynamoDBEndpoint(own)
     customers, products = customers_and_products(model)
     flow = Flow(own, "table", customers, products, seed=2)
-    caplog.set_level(logging.INFO, logger="streaming")
-    caplog.set_level(logging.INFO, logger="models.records")
-
-    def retries() -> list:
-        return write_retries("\n".join(r.getMessage() for r in caplog.records if r.name == "models.records"))
-
+    log_path = tmp_path / "job.log"
     job = None
     try:
         endpoint.start()
         prepare(own, model)
-        job = StreamingJob(own, spark).start()
+        job = start_job(own, log_path)        # the executors' retry WARNINGs land in its log
         flow.start()
-        wait_for(lambda: job.metrics.totals["new_events"] >= 30, 240, "purchases scored before the outage")
+        wait_for(lambda: len(committed(own)) >= 2 and flow.count >= 30, 240, "purchases scored before the outage",
+                 job, log_path)
         endpoint.stop()
         down_at = time.monotonic()
-        wait_for(retries, 120, "the writer retrying the table")
+        wait_for(lambda: write_retries(log_path.read_text()), 120, "the executors retrying the table", job, log_path)
         time.sleep(max(0.0, TABLE_OUTAGE_S - (time.monotonic() - down_at)))
-        assert all(q.isActive and q.exception() is None for q in job.queries), "the job stopped during the outage"
+        assert job.poll() is None, f"the job stopped during the outage:\n{log_path.read_text()[-3000:]}"
         endpoint.start()
         ensure_table(own)                  # the endpoint came back empty: the operator re-creates the table
         outage_s = time.monotonic() - down_at
-        scored = job.metrics.totals["new_events"]
-        wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 180, "purchases scored after the outage")
+        batches = len(committed(own))
+        wait_for(lambda: len(committed(own)) >= batches + 2, 180, "batches committed after the outage", job, log_path)
         flow.stop()
         flow.closing_round()
-        wait_for(lambda: table_caught_up(own, flow), 180, "every customer's purchases in the table")
-        job.process_all_available()
-        assert all(q.isActive and q.exception() is None for q in job.queries)      # no batch failed
-        job.stop()
+        wait_for(lambda: table_caught_up(own, flow), 180, "every customer's purchases in the table", job, log_path)
+        exit_code = stop_job(job, log_path)
         counted = count_against_input(own, flow)
     finally:
         flow.close()
         if job is not None:
-            job.stop()
+            kill_group(job)
         endpoint.stop()
-    totals = job.metrics.totals
-    seen = retries()
-    batches = sorted({batch for batch, _, _ in seen})
+    text = log_path.read_text()
+    totals = stopped_totals(text)
+    seen = write_retries(text)
+    batches_retried = sorted({batch for batch, _, _ in seen})
     behaviour = (f"endpoint down {outage_s:.0f} s (back empty, table re-created); the job stayed up: "
-                 f"{len(seen)} write retries ({retried_sinks(seen)}) on batch(es) {batches}, longest batch write "
-                 f"{max((r.write_ms or 0) for r in job.metrics.reports) / 1000:.0f} s; job totals: "
-                 f"{totals['new_events']} new, {totals['duplicate_events']} duplicates, "
-                 f"{totals['before_cutoff_events']} before cutoff")
+                 f"{len(seen)} write retries ({retried_sinks(seen)}) on batch(es) {batches_retried}, longest "
+                 f"batch write {longest_write_s(text):.0f} s; job totals: {totals['new_events']} new, "
+                 f"{totals['duplicate_events']} duplicates, {totals['before_cutoff_events']} before cutoff, "
+                 f"{totals['table_retries']} table retries; exit {exit_code} on SIGTERM")
     report("DynamoDB endpoint down > 20 s, < tolerance", flow, counted, behaviour, started)
+    assert exit_code == 0, text[-3000:]
     assert_exact(counted)
     assert totals["new_events"] == counted["events"]             # the job's own count agrees
     assert totals["before_cutoff_events"] == 0 and totals["unscored_events"] == 0
-    assert outage_s > 20 and seen and all("table:" in problems for _, problems, _ in seen)
+    assert totals["table_retries"] >= len(seen) > 0                # every retry counted in the job's figures
+    assert outage_s > 20 and all("table:" in problems for _, problems, _ in seen)
+
+
+def stopped_totals(text: str) -> dict:
+    """The job's totals from its stop line."""
+    match = re.search(r"streaming scorer stopped: (\{[^}]*\})", text)
+    assert match, f"no stop line in the job's log:\n{text[-3000:]}"
+    return ast.literal_eval(match.group(1))
 
 
 # -- 3. SIGKILL of the driver inside a write's retries -----------------------------------------

@@ -278,10 +278,9 @@ def test_wrong_credentials_fail_clearly_without_the_password(spark, cfg, sasl_br
     from streaming.job import StreamingJob
 
     ModelStore.from_config(good).publish(small_als(version=new_version()).validate())
-    writer = RecordWriter(good, to_table=False)
     with jvm_log(spark, tmp_path / "jvm.log") as jvm_file:
         started = time.monotonic()
-        job = StreamingJob(bad, spark, writer=writer).start(available_now=True)
+        job = StreamingJob(bad, spark, write_table=False).start(available_now=True)
         with pytest.raises(Exception) as caught:     # StreamingQueryException, or RuntimeError naming it
             job.await_available_now(timeout_s=120)
         job.stop()
