@@ -7,6 +7,9 @@ Variants (bench/state_variants.py; each on the RocksDB provider with changelog c
 
 - ``tws-row``: ``streaming.state.PurchaseStateProcessor`` as the job wires it
   (``groupBy("customer_id").transformWithState(..., outputMode="Update", timeMode="ProcessingTime")``);
+- ``tws-row-blob``: the same processor with its state as ONE packed binary value
+  (``state_variants.BlobPurchaseStateProcessor``: ``value binary``, struct-packed) instead of the
+  five arrays;
 - ``aipws``: ``applyInPandasWithState`` with ``GroupStateTimeout.ProcessingTimeTimeout`` as the TTL
   (state: one JSON string);
 - ``tws-pandas``: ``transformWithStateInPandas``, the same ValueState of arrays;
@@ -67,10 +70,11 @@ import state_variants  # noqa: E402  (bench/, beside this file)
 from streaming.state import (INPUT_COLUMNS, OUTPUT_SCHEMA, PurchaseStateProcessor, expire,  # noqa: E402
                              merge_purchases)
 
-VARIANTS = ("tws-row", "aipws", "tws-pandas", "jvm", "floor")
-PYTHON_VARIANTS = ("tws-row", "aipws", "tws-pandas")
+VARIANTS = ("tws-row", "tws-row-blob", "aipws", "tws-pandas", "jvm", "floor")
+PYTHON_VARIANTS = ("tws-row", "tws-row-blob", "aipws", "tws-pandas")
 DESCRIPTION = {
     "tws-row": "`transformWithState`, Row-based (shipped)",
+    "tws-row-blob": "`transformWithState`, Row-based, state as one packed binary",
     "aipws": "`applyInPandasWithState`, JSON state",
     "tws-pandas": "`transformWithStateInPandas`",
     "jvm": "`dropDuplicatesWithinWatermark` + aggregation (JVM)",
@@ -78,6 +82,7 @@ DESCRIPTION = {
 }
 INVARIANTS = {
     "tws-row": "all",
+    "tws-row-blob": "all",
     "aipws": "all",
     "tws-pandas": "all",
     "jvm": "dedup only (event-time window); no counts, no cutoff purge, no TTL",
@@ -85,6 +90,7 @@ INVARIANTS = {
 }
 CHECKED = {      # what the output check compares, when it finds no difference
     "tws-row": "same counts as the replay",
+    "tws-row-blob": "same counts and rows",
     "aipws": "same counts and rows",
     "tws-pandas": "same counts and rows",
     "jvm": "same purchases held (its only figure)",
@@ -272,6 +278,10 @@ def state_frame(variant: str, events, ttl_ms: int, cutoff_ms: int | None):
     grouped = events.groupBy("customer_id")
     if variant == "tws-row":        # streaming.job.purchase_state_stream, after its validation columns
         return grouped.transformWithState(statefulProcessor=PurchaseStateProcessor(ttl_ms),
+                                          outputStructType=OUTPUT_SCHEMA, outputMode="Update",
+                                          timeMode="ProcessingTime")
+    if variant == "tws-row-blob":
+        return grouped.transformWithState(statefulProcessor=state_variants.BlobPurchaseStateProcessor(ttl_ms),
                                           outputStructType=OUTPUT_SCHEMA, outputMode="Update",
                                           timeMode="ProcessingTime")
     if variant == "tws-pandas":

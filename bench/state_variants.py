@@ -14,6 +14,10 @@ Only the Spark API around them differs:
 - ``PandasPurchaseStateProcessor``: ``transformWithStateInPandas``, the same ValueState of
   arrays with the state API's TTL as the shipped processor; one pandas frame in and out per
   customer (4.2 batches only the rows of one key, never several keys, into a frame).
+- ``BlobPurchaseStateProcessor``: the shipped Row-based processor with its state stored as ONE
+  packed binary value (``BLOB_STATE_SCHEMA``, ``pack_state`` / ``unpack_state``) instead of five
+  arrays of ~100 cells, which the state client normalizes and pickles cell by cell and the JVM
+  turns into an UnsafeRow of arrays; the same TTL, cutoff and output.
 - ``jvm_native``: ``dropDuplicatesWithinWatermark`` + a streaming aggregation, no Python; it
   cannot hold most of the rules (see its docstring).
 
@@ -23,6 +27,8 @@ value.
 from __future__ import annotations
 
 import json
+import struct
+from itertools import accumulate
 from typing import Iterator
 
 import pandas as pd
@@ -127,6 +133,77 @@ class PandasPurchaseStateProcessor(_processor_base()):
         pass
 
 
+# --- (c2) transformWithState, Row-based, state as one packed binary value ----------------------
+
+BLOB_STATE_SCHEMA = "value binary"      # pack_state of the five STATE_SCHEMA arrays
+_BLOB_VERSION = 1
+# format strings, not struct.Struct objects: this module is pickled by value, and a Struct does not pickle
+_BLOB_HEADER = "<BI"                   # format version, number of purchases n
+_BLOB_HEADER_SIZE = struct.calcsize(_BLOB_HEADER)
+
+
+def pack_state(value: tuple[list, ...]) -> bytes:
+    """The five ``STATE_SCHEMA`` arrays (``state_value``'s tuple) -> one bytes value.
+
+    Layout (little-endian): u8 version (1), u32 n; n int32 quantities, n int64 event times, n int64
+    arrival times, n u32 event-id lengths, n u32 product-id lengths (in characters); then the event
+    ids and product ids concatenated, UTF-8. One ``struct.pack`` and one ``encode``."""
+    event_ids, product_ids, quantities, times, arrived = value
+    n = len(event_ids)
+    numbers = struct.pack(f"<{n}i{n}q{n}q{n}I{n}I", *quantities, *times, *arrived,
+                          *map(len, event_ids), *map(len, product_ids))
+    return struct.pack(_BLOB_HEADER, _BLOB_VERSION, n) + numbers + "".join(event_ids + product_ids).encode("utf-8")
+
+
+def unpack_state(blob: bytes) -> tuple[list, ...]:
+    """``pack_state``'s bytes -> the five ``STATE_SCHEMA`` arrays (as lists), for ``held_from_state``."""
+    version, n = struct.unpack_from(_BLOB_HEADER, blob, 0)
+    if version != _BLOB_VERSION:
+        raise ValueError(f"unknown purchase-state blob version {version}")
+    layout = struct.Struct(f"<{n}i{n}q{n}q{n}I{n}I")
+    numbers = layout.unpack_from(blob, _BLOB_HEADER_SIZE)
+    text = bytes(blob[_BLOB_HEADER_SIZE + layout.size:]).decode("utf-8")
+    ends = list(accumulate(numbers[3 * n:5 * n]))
+    starts = [0, *ends[:-1]]
+    strings = [text[a:b] for a, b in zip(starts, ends)]
+    return (strings[:n], strings[n:], list(numbers[:n]), list(numbers[n:2 * n]), list(numbers[2 * n:3 * n]))
+
+
+class BlobPurchaseStateProcessor(_processor_base()):
+    """``streaming.state.PurchaseStateProcessor`` line for line (Row-based ``transformWithState``,
+    the state API's TTL, the cutoff once per partition and batch), with the ValueState holding
+    one ``pack_state`` value (``BLOB_STATE_SCHEMA``) instead of the five arrays."""
+
+    def __init__(self, ttl_ms: int):
+        self.ttl_ms = ttl_ms
+
+    def init(self, handle) -> None:
+        self.purchases = handle.getValueState(STATE_VARIABLE, BLOB_STATE_SCHEMA, self.ttl_ms)
+        self._cutoff_ms: tuple | None = None
+
+    def handleInputRows(self, key, rows, timerValues) -> Iterator:
+        now_ms = timerValues.getCurrentProcessingTimeInMs()
+        stored = self.purchases.get()
+        held, arrived = held_from_state(unpack_state(stored[0]) if stored is not None else None)
+        expire(held, arrived, now_ms, self.ttl_ms)
+        if self._cutoff_ms is None:
+            from streaming.served import served_cutoff_ms
+
+            self._cutoff_ms = (served_cutoff_ms(),)
+        cutoff_ms = self._cutoff_ms[0]
+        merge = merge_purchases(held, rows, cutoff_ms)
+        for event_id in merge.added:
+            arrived[event_id] = now_ms
+        if merge.held:
+            self.purchases.update((pack_state(state_value(merge.held, arrived)),))
+        elif stored is not None:
+            self.purchases.clear()
+        yield output_row(str(key[0]), merge, cutoff_ms)
+
+    def close(self) -> None:
+        pass
+
+
 # --- (d) JVM-native -----------------------------------------------------------------------------
 
 JVM_OUTPUT_COLUMNS = ("customer_id", "held", "purchases", "source_offset")
@@ -158,5 +235,5 @@ def jvm_native(events, ttl_ms: int, cutoff_ms: int | None):
         F.max("source_offset").alias("source_offset"))
 
 
-__all__ = ["JSON_STATE_SCHEMA", "OUTPUT_SCHEMA", "PandasPurchaseStateProcessor", "apply_in_pandas_with_state",
-           "jvm_native"]
+__all__ = ["BLOB_STATE_SCHEMA", "BlobPurchaseStateProcessor", "JSON_STATE_SCHEMA", "OUTPUT_SCHEMA",
+           "PandasPurchaseStateProcessor", "apply_in_pandas_with_state", "jvm_native", "pack_state", "unpack_state"]
