@@ -59,7 +59,8 @@ class ExecutorSettings:
     write_table: bool
     outage_tolerance_ms: int
     default_count_mode: str
-    connections: dict = field(hash=False)    # model_store, dynamodb, aws sections, paths resolved
+    connections: dict = field(hash=False, repr=False)   # model_store, dynamodb, aws sections, paths resolved
+                                                        # (repr=False: credentials never reach a log line)
 
     @classmethod
     def from_config(cls, cfg: Config, settings, write_table: bool = True) -> "ExecutorSettings":

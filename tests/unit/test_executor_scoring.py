@@ -113,6 +113,8 @@ def test_executors_get_only_the_connections_they_need():
     assert settings.connections["kafka"] == {"topics": {"recommendations": "r"}}      # no client options
     assert "jaas-password-here" not in json.dumps(settings.connections)
     assert "local" not in settings.connections["dynamodb"]
+    with_secret = ExecutorSettings(1, True, True, 1, "rows", {"aws": {"secret_access_key": "s3cr3t-value"}})
+    assert "s3cr3t-value" not in repr(with_secret)               # a settings object in a log line
 
 
 # -- the latency histogram -------------------------------------------------------------------
