@@ -39,6 +39,8 @@ MALFORMED_PRODUCT_ID = "malformed_product_id"
 NON_NUMERIC_QUANTITY = "non_numeric_quantity"
 NEGATIVE_OR_ZERO_QUANTITY = "negative_or_zero_quantity"
 UNPARSEABLE_TIME = "unparseable_time"
+# data.columns.time_format values for numbers since 1970-01-01 UTC (else: a Spark datetime pattern).
+EPOCH_FORMATS = {"epoch_seconds": "timestamp_seconds", "epoch_millis": "timestamp_millis"}
 FUTURE_TIME = "future_time"             # the stream's dead-letter reason for the same rule
 FILTERED_PREFIX = "filtered: "
 
@@ -63,8 +65,9 @@ class ColumnMapping:
 
     ``quantity`` unset means every row is one unit; ``event_time`` unset means the time is
     unknown (``last_time`` is then null). ``time_format`` is a Spark datetime pattern
-    (``dd-MM-yyyy``); unset, Spark's ISO-8601 parsing is used (``2025-03-04T10:21:07Z``,
-    ``2010-12-01 08:26:00``, ``2015-01-05``). ``segment`` (e.g. a country) is checked to exist
+    (``dd-MM-yyyy``), or ``epoch_seconds`` / ``epoch_millis`` for numbers since 1970 UTC; unset,
+    Spark's ISO-8601 parsing is used (``2025-03-04T10:21:07Z``, ``2010-12-01 08:26:00``,
+    ``2015-01-05``). ``segment`` (e.g. a country) is checked to exist
     but not used by the job yet.
     """
 
@@ -389,6 +392,12 @@ def _event_time(name: str, dtype: str, time_format: str | None):
         return column.cast("timestamp")
     text = _trimmed(column.cast("string"))
     text = F.when(text != "", text)
+    if time_format in EPOCH_FORMATS:
+        number = text.try_cast("double")
+        number = F.when(number.isNotNull() & ~F.isnan(number) & (F.abs(number) < 1e15), number)
+        if time_format == "epoch_millis":
+            return F.timestamp_millis(number.cast("long"))
+        return F.timestamp_seconds(number)
     return F.try_to_timestamp(text, F.lit(time_format)) if time_format else F.try_to_timestamp(text)
 
 

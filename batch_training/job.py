@@ -30,6 +30,7 @@ from batch_training.report import write_report
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
 from models.config import Config, ConfigError
+from models.scorers import needs_vectors
 from models.scoring import SCALINGS
 
 log = logging.getLogger("batch_training")
@@ -180,7 +181,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
         raise DataSourceError(f"cannot read {data_cfg.get('path')}: {_spark_error_line(err)}") from err
     events = events.cache()
     if report.clean_rows == 0:
-        raise DataSourceError(f"no usable rows in {data_cfg.get('path')}: check data.columns and the file")
+        raise DataSourceError(f"no usable rows in {data_cfg.get('path')}: {_why_no_rows(report, data_cfg)}")
 
     stages.start("aggregate")
     count_mode = source_count_mode = str(data_cfg.get("count_mode", "rows"))
@@ -231,7 +232,10 @@ def run(cfg: Config, spark=None) -> BatchResult:
     else:
         log.info("no cross-validation (batch.cv_folds=%d): the configured model %s with %s", folds_k,
                  selected.name, base.label())
-    log.info("selected model: %s with ALS %s", selected.name, chosen.label())
+    if needs_vectors(selected.model_type):
+        log.info("selected model: %s with ALS %s", selected.name, chosen.label())
+    else:   # popularity, item-kNN: the ALS parameters play no part in its lists
+        log.info("selected model: %s (no ALS factors in its scores)", selected.name)
 
     stages.start("evaluation on the holdout")
     holdout_factors = fit_als(train, chosen, n_users, n_items)
@@ -637,6 +641,22 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
     return artifact
 
 
+def _why_no_rows(report, data_cfg: dict) -> str:
+    """What to fix when no row survived cleaning: the commonest drop reason, with the setting."""
+    from batch_training.data import UNPARSEABLE_TIME
+
+    if not report.dropped_by_reason:
+        return "check data.columns and the file"
+    reason, count = max(report.dropped_by_reason.items(), key=lambda item: item[1])
+    if reason == UNPARSEABLE_TIME:
+        column = (data_cfg.get("columns") or {}).get("event_time")
+        fmt = (data_cfg.get("columns") or {}).get("time_format")
+        return (f"the time in column {column!r} did not parse in {count:,} of {report.raw_rows:,} rows "
+                f"(data.columns.time_format is {fmt!r}): set data.columns.time_format to a Spark datetime "
+                "pattern such as 'dd/MM/yyyy HH:mm', or to epoch_seconds / epoch_millis for numbers")
+    return f"{count:,} of {report.raw_rows:,} rows were dropped as {reason}: check data.columns and the file"
+
+
 def build_lineage(cfg: Config, stats: dict, params: dict) -> dict:
     """Where a model comes from, for its metadata: the data source and its row counts, the hash of
     the effective config (secrets redacted), the training parameters, the code version, the time,
@@ -684,9 +704,13 @@ def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool) -
 
     store = ModelStore.from_config(cfg)
     store.write(artifact)
-    if not cfg.get_path("batch.publish.enabled", True):
-        return False, f"publishing disabled (batch.publish.enabled=false); version {artifact.version} written, not current"
     ok, reason = gate_decision(cfg, metrics, metric, exclude, _current_metrics(store))
+    if not cfg.get_path("batch.publish.enabled", True):
+        # The verdict anyway: whoever promotes this version later wants to know what the gate says.
+        reason = (f"publishing disabled (batch.publish.enabled=false); version {artifact.version} written, not "
+                  f"current; the gate {'would publish' if ok else 'would REFUSE'} it: {reason}")
+        log.info("%s", reason)
+        return False, reason
     if ok:
         store.set_current(artifact.version)
         log.info("published model %s as current: %s", artifact.version, reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
@@ -154,25 +155,58 @@ def cross_validate(folds: list[tuple[Any, Any]], candidates: list[AlsParams], n_
     """Fit every ALS candidate on every fold's train part; ``score_fold(fold_no, factors, train, test)``
     returns each scorer's metrics on the fold's test part (ALS alone, or the whole scorer family)."""
     results = [CandidateResult(params) for params in candidates]
-    total = len(folds) * len(candidates)
-    done = 0
-    started = time.perf_counter()
-    for fold_no, (train, test) in enumerate(folds, 1):
-        train, test = train.cache(), test.cache()
-        for result in results:
-            factors = fit_als(train, result.params, n_users, n_items)
-            by_scorer = score_fold(fold_no, factors, train, test)
-            result.fold_metrics.append(by_scorer)
-            done += 1
-            elapsed = time.perf_counter() - started
-            best = max(by_scorer, key=lambda name: np.nan_to_num(float(by_scorer[name][metric]), nan=-np.inf))
-            log.info("CV fold %d/%d candidate %s: %s@k ALS %.4f, best %s %.4f  [%d/%d fits, %.0f s elapsed, "
-                     "~%.0f s left]", fold_no, len(folds), result.params.label(), metric,
-                     by_scorer.get("als", {}).get(metric, float("nan")), best, by_scorer[best][metric], done, total,
-                     elapsed, elapsed / done * (total - done))
-        train.unpersist()
-        test.unpersist()
+    progress = CvProgress(len(folds) * len(candidates), len(folds), metric)
+    try:
+        for fold_no, (train, test) in enumerate(folds, 1):
+            train, test = train.cache(), test.cache()
+            for result in results:
+                factors = fit_als(train, result.params, n_users, n_items)
+                by_scorer = score_fold(fold_no, factors, train, test)
+                result.fold_metrics.append(by_scorer)
+                progress.fitted(fold_no, result.params.label(), by_scorer)
+            train.unpersist()
+            test.unpersist()
+    finally:
+        progress.close()
     return results
+
+
+class CvProgress:
+    """The CV's progress, one step per (fold, candidate) fit: a tqdm bar when ``stream`` (stderr)
+    is a terminal, else one log line per fit with the time left, as a scheduler's log wants."""
+
+    def __init__(self, total: int, n_folds: int, metric: str, stream=None):
+        self.total, self.n_folds, self.metric = total, n_folds, metric
+        self.done = 0
+        self.started = time.perf_counter()
+        stream = stream if stream is not None else sys.stderr
+        self.bar = self._redirect = None
+        if getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=total, desc="cross-validation", unit="fit", file=stream, dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()     # the job's other log lines print above the bar
+            self._redirect.__enter__()
+
+    def fitted(self, fold_no: int, label: str, by_scorer: dict) -> None:
+        self.done += 1
+        best = max(by_scorer, key=lambda name: np.nan_to_num(float(by_scorer[name][self.metric]), nan=-np.inf))
+        als = by_scorer.get("als", {}).get(self.metric, float("nan"))
+        if self.bar is not None:
+            score = by_scorer[best][self.metric]
+            self.bar.set_postfix_str(f"fold {fold_no}/{self.n_folds} {label}: best {best} {score:.4f}", refresh=False)
+            self.bar.update(1)
+            return
+        elapsed = time.perf_counter() - self.started
+        log.info("CV fold %d/%d candidate %s: %s@k ALS %.4f, best %s %.4f  [%d/%d fits, %.0f s elapsed, "
+                 "~%.0f s left]", fold_no, self.n_folds, label, self.metric, als, best, by_scorer[best][self.metric],
+                 self.done, self.total, elapsed, elapsed / self.done * (self.total - self.done))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self._redirect.__exit__(None, None, None)
 
 
 def counts_as_ratings(counts: np.ndarray, params: AlsParams) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 from models.config import resolve_path
 
 from models.artifact import ModelArtifact, ModelValidationError, utc_now_iso
+from models.scorers import needs_vectors
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,9 @@ class ModelStore:
             self.backend.put_bytes(f"{folder}/{name}", data)
         metadata = _metadata(artifact, files)
         self.backend.put_bytes(f"{folder}/{METADATA}", json.dumps(metadata, indent=2, sort_keys=True).encode())
-        log.info("model version %s written to %s (%d items, %d users, rank %d)", artifact.version,
-                 self.backend.describe(folder), artifact.n_items, artifact.n_users, artifact.rank)
+        log.info("model version %s written to %s (%s: %d items, %d users%s)", artifact.version,
+                 self.backend.describe(folder), artifact.model_type, artifact.n_items, artifact.n_users,
+                 f", rank {artifact.rank}" if needs_vectors(artifact.model_type) else "")
         return artifact.version
 
     def set_current(self, version: str) -> None:

@@ -111,6 +111,14 @@ def _header_only(folder: Path, transactions: Path) -> Path:
     return path
 
 
+def _epoch_seconds(folder: Path, transactions: Path) -> Path:
+    """Times as seconds since 1970, as many exports write them, with no time_format set."""
+    path = folder / "epoch.csv"
+    header, *rows = transactions.read_text().splitlines()[:200]
+    path.write_text("\n".join([header] + [row.rsplit(",", 1)[0] + ",1737000000" for row in rows]) + "\n")
+    return path
+
+
 def _corrupt_gzip(folder: Path, transactions: Path) -> Path:
     path = folder / "transactions.csv.gz"
     path.write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(4000))     # a gzip header, then noise
@@ -122,6 +130,8 @@ def _corrupt_gzip(folder: Path, transactions: Path) -> Path:
     (lambda folder, _: folder / "missing.csv", "does not exist"),
     (_corrupt_gzip, "cannot read"),
     (_header_only, "no usable rows"),
+    (_epoch_seconds, "rows (data.columns.time_format is None): set data.columns.time_format to a Spark "
+                     "datetime pattern such as 'dd/MM/yyyy HH:mm', or to epoch_seconds / epoch_millis"),
 ])
 def test_exit_2_for_bad_input(env, tmp_path, transactions, make_input, message):
     path = make_input(tmp_path, transactions)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from batch_training.generate import write
-from batch_training.job import PublishRefused, run
+from batch_training.job import PublishRefused, gate_decision, run
 from models.store import ModelStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -176,6 +176,9 @@ def test_fold_in_final_fits_once_and_serves_what_the_stream_would(spark, cfg, tm
                                                   "batch.publish.enabled": False})
     result = run(job_cfg, spark=spark)      # no PublishRefused: publishing was switched off
     assert not result.published and "publishing disabled" in result.gate_reason
+    ok, verdict = gate_decision(job_cfg, result.metrics, "map", True, None)   # the verdict all the same
+    assert result.gate_reason.endswith(f"the gate {'would publish' if ok else 'would REFUSE'} it: {verdict}")
+    assert result.gate_reason in caplog.text
     assert caplog.text.count(" fitted in ") == 1
     store = ModelStore.from_config(job_cfg)
     assert store.current_version() is None

@@ -140,6 +140,19 @@ def test_time_format_from_the_mapping_is_used(spark, tmp_path):
     assert report.dropped_by_reason["unparseable_time"] == 1
 
 
+@pytest.mark.parametrize("time_format, stamps", [("epoch_seconds", ("1437436800", "1437440400.0")),
+                                                 ("epoch_millis", ("1437436800000", "1437440400000"))])
+def test_epoch_times_parse_with_their_format_and_junk_is_counted(spark, tmp_path, time_format, stamps):
+    path = tmp_path / "e.csv"
+    path.write_text("member,item,ts\n" + "".join(f"1808,{item},{stamp}\n" for item, stamp in zip(("milk", "soda"), stamps))
+                    + "1808,tea,2015-07-21\n1808,rice,1e400\n")
+    mapping = ColumnMapping(customer_id="member", product_id="item", event_time="ts", time_format=time_format)
+    events, report = clean(read_raw(spark, SourceSpec(path=str(path), columns=mapping)), mapping)
+    assert _kept(events) == {("1808", "milk", 1.0, datetime(2015, 7, 21)),
+                             ("1808", "soda", 1.0, datetime(2015, 7, 21, 1, 0))}
+    assert report.dropped_by_reason["unparseable_time"] == 2
+
+
 def test_a_missing_mapped_column_names_it_and_the_columns_that_exist(spark, tmp_path):
     path = _write_csv(tmp_path / "t.csv", ["t1,C1,P1,1,2025-03-04T10:21:07Z"])
     mapping = replace(MAPPING, quantity="Qty")

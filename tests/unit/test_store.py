@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -301,3 +302,17 @@ def test_a_tampered_version_is_neither_loaded_nor_made_current(store, tamper, me
     with pytest.raises(ModelLoadError, match=f"refusing to make version {bad.version} current.*{message}"):
         store.set_current(bad.version)
     assert store.current_version() == good.version
+
+
+def test_the_write_line_names_a_rank_only_for_models_that_score_with_factors(tmp_path, caplog):
+    """A popularity model chosen by the CV still carries the fit's factors; its line must not read
+    as an ALS model's."""
+    caplog.set_level(logging.INFO, logger="models.store")
+    store = ModelStore(str(tmp_path / "store"))
+    als, popularity = make_artifact(seed=1), make_artifact(seed=2)
+    popularity.model_type = "popularity"
+    store.write(als)
+    store.write(popularity)
+    lines = [r.getMessage() for r in caplog.records if " written to " in r.getMessage()]
+    assert "(als: 40 items, 25 users, rank 4)" in lines[0]
+    assert "(popularity: 40 items, 25 users)" in lines[1]
