@@ -67,8 +67,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import state_variants  # noqa: E402  (bench/, beside this file)
-from streaming.state import (INPUT_COLUMNS, OUTPUT_SCHEMA, PurchaseStateProcessor, expire,  # noqa: E402
-                             merge_purchases)
+from streaming.state import INPUT_COLUMNS, OUTPUT_SCHEMA, PurchaseStateProcessor, advance  # noqa: E402
 
 VARIANTS = ("tws-row", "tws-row-blob", "aipws", "tws-pandas", "jvm", "floor")
 PYTHON_VARIANTS = ("tws-row", "tws-row-blob", "aipws", "tws-pandas")
@@ -213,10 +212,7 @@ def replay(feed: Feed, ttl_ms: int, times_ms: list[int]) -> list[dict]:
             if updated is not None and updated + ttl_ms <= now:      # the value's own TTL
                 held, arrived = {}, {}
             held, arrived = dict(held), dict(arrived)
-            expire(held, arrived, now, ttl_ms)
-            merge = merge_purchases(held, rows, cutoff)
-            for event_id in merge.added:
-                arrived[event_id] = now
+            merge = advance(held, arrived, rows, now, ttl_ms, cutoff)
             if merge.held:
                 state[customer] = (merge.held, {e: arrived[e] for e in merge.held}, now)
             else:

@@ -1,7 +1,7 @@
 """Candidate implementations of the scoring query's per-customer state stage, for bench/state_bench.py.
 
 Each holds the rules of ``streaming.state.PurchaseStateProcessor`` with its pure functions
-(``held_from_state``, ``expire``, ``merge_purchases``, ``state_value``, ``output_row``): dedup by
+(``held_from_state``, ``advance``, ``state_value``, ``output_row``): dedup by
 ``event_id`` across batches, purchases at or before the served model's cutoff dropped (the cutoff
 read from the task's local property, ``streaming.served``), per-purchase expiry ``ttl_ms`` after
 arrival (the batch's processing time), and one ``OUTPUT_SCHEMA`` row per customer with input.
@@ -32,9 +32,10 @@ from itertools import accumulate
 from typing import Iterator
 
 import pandas as pd
+from pyspark.sql.streaming import StatefulProcessor
 
-from streaming.state import (OUTPUT_COLUMNS, OUTPUT_SCHEMA, STATE_SCHEMA, STATE_VARIABLE, expire, held_from_state,
-                             merge_purchases, output_row, state_value)
+from streaming.state import (OUTPUT_COLUMNS, OUTPUT_SCHEMA, STATE_SCHEMA, STATE_VARIABLE, advance, held_from_state,
+                             output_row, state_value)
 
 JSON_STATE_SCHEMA = "purchases string"      # json of the five STATE_SCHEMA arrays
 
@@ -51,6 +52,12 @@ def _served_cutoff_cached(cache: dict):
     if cache.get("attempt", object()) != attempt:
         cache["attempt"], cache["cutoff"] = attempt, served_cutoff_ms()
     return cache["cutoff"]
+
+
+def _one_frame(frames) -> pd.DataFrame:
+    """A customer's input, which the pandas APIs may hand over in several frames, as one."""
+    frames = list(frames)
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
 def _frame(row) -> pd.DataFrame:
@@ -72,13 +79,8 @@ def apply_in_pandas_with_state(ttl_ms: int):
         now_ms = state.getCurrentProcessingTimeMs()      # the batch's time (the same on a replay)
         stored = state.get if state.exists else None
         held, arrived = held_from_state(json.loads(stored[0]) if stored is not None else None)
-        expire(held, arrived, now_ms, ttl_ms)
         cutoff_ms = _served_cutoff_cached(cache)
-        frames = list(frames)
-        batch = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        merge = merge_purchases(held, batch, cutoff_ms)
-        for event_id in merge.added:
-            arrived[event_id] = now_ms
+        merge = advance(held, arrived, _one_frame(frames), now_ms, ttl_ms, cutoff_ms)
         if merge.held:
             state.update((json.dumps(state_value(merge.held, arrived), separators=(",", ":")),))
             state.setTimeoutDuration(ttl_ms)
@@ -91,13 +93,7 @@ def apply_in_pandas_with_state(ttl_ms: int):
 
 # --- (c) transformWithStateInPandas -------------------------------------------------------------
 
-def _processor_base():
-    from pyspark.sql.streaming import StatefulProcessor
-
-    return StatefulProcessor
-
-
-class PandasPurchaseStateProcessor(_processor_base()):
+class PandasPurchaseStateProcessor(StatefulProcessor):
     """``PurchaseStateProcessor`` for ``transformWithStateInPandas``: the same ValueState of
     arrays with the state API's TTL; a pandas frame per customer in and out."""
 
@@ -112,17 +108,12 @@ class PandasPurchaseStateProcessor(_processor_base()):
         now_ms = timerValues.getCurrentProcessingTimeInMs()
         stored = self.purchases.get()
         held, arrived = held_from_state(stored)
-        expire(held, arrived, now_ms, self.ttl_ms)
         if self._cutoff_ms is None:
             from streaming.served import served_cutoff_ms
 
             self._cutoff_ms = (served_cutoff_ms(),)
         cutoff_ms = self._cutoff_ms[0]
-        frames = list(rows)
-        batch = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        merge = merge_purchases(held, batch, cutoff_ms)
-        for event_id in merge.added:
-            arrived[event_id] = now_ms
+        merge = advance(held, arrived, _one_frame(rows), now_ms, self.ttl_ms, cutoff_ms)
         if merge.held:
             self.purchases.update(state_value(merge.held, arrived))
         elif stored is not None:
@@ -169,7 +160,7 @@ def unpack_state(blob: bytes) -> tuple[list, ...]:
     return (strings[:n], strings[n:], list(numbers[:n]), list(numbers[n:2 * n]), list(numbers[2 * n:3 * n]))
 
 
-class BlobPurchaseStateProcessor(_processor_base()):
+class BlobPurchaseStateProcessor(StatefulProcessor):
     """``streaming.state.PurchaseStateProcessor`` line for line (Row-based ``transformWithState``,
     the state API's TTL, the cutoff once per partition and batch), with the ValueState holding
     one ``pack_state`` value (``BLOB_STATE_SCHEMA``) instead of the five arrays."""
@@ -185,15 +176,12 @@ class BlobPurchaseStateProcessor(_processor_base()):
         now_ms = timerValues.getCurrentProcessingTimeInMs()
         stored = self.purchases.get()
         held, arrived = held_from_state(unpack_state(stored[0]) if stored is not None else None)
-        expire(held, arrived, now_ms, self.ttl_ms)
         if self._cutoff_ms is None:
             from streaming.served import served_cutoff_ms
 
             self._cutoff_ms = (served_cutoff_ms(),)
         cutoff_ms = self._cutoff_ms[0]
-        merge = merge_purchases(held, rows, cutoff_ms)
-        for event_id in merge.added:
-            arrived[event_id] = now_ms
+        merge = advance(held, arrived, rows, now_ms, self.ttl_ms, cutoff_ms)
         if merge.held:
             self.purchases.update((pack_state(state_value(merge.held, arrived)),))
         elif stored is not None:

@@ -198,7 +198,7 @@ class RecordWriter:
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             failing = now - first_failure
-            problems = "; ".join(f"{sink}: {len(failed):,} failed ({_describe(error)})" for sink, failed, error in
+            problems = "; ".join(f"{sink}: {len(failed):,} failed ({describe_error(error)})" for sink, failed, error in
                                  (("topic", topic_failed, topic_error), ("table", table_failed, table_error))
                                  if failed)
             if failing >= outage_tolerance_s:
@@ -282,7 +282,7 @@ def newer_than_stored(record: RecommendationRecord) -> dict:
             "ExpressionAttributeValues": {":e": event_ms, ":c": computed_ms}}
 
 
-def _describe(error: Exception | None) -> str:
+def describe_error(error: BaseException | None) -> str:
     """An error in one line (the type and its first line: SDK messages name hosts, never secrets)."""
     if error is None:
         return "no error reported"

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from models.config import Config
-from models.records import now_ms
+from models.records import describe_error, now_ms
 from streaming.events import REASON_KINDS, ValidationRules, validate_values
 from streaming.metrics import (DEAD_LETTER_QUERY, REASON_PREFIX, SCORING_QUERY, VALIDATION_OBSERVATION,
                                RefreshFigures, StreamMetrics, make_listener)
@@ -210,13 +210,13 @@ class BatchRefresher:
                           batch_id, started_ms)
         if self._summaries is None:
             self._summaries = context.accumulator([], SummaryList())
-        self._summaries._value = []        # batches run one at a time on this thread
+        self._summaries.value = []         # batches run one at a time on this thread
         try:
             (batch_df.mapInPandas(scorer(self.executor_settings, self._summaries), SCORED_SCHEMA)
              .write.mode("append").format("kafka").options(**self.sink_options).save())
         except Exception as err:
             log.error("batch %d failed on the executors or in the topic sink (%s); the query stops, and a "
-                      "restart replays the batch from the checkpoint", batch_id, _first_line(err))
+                      "restart replays the batch from the checkpoint", batch_id, describe_error(err))
             raise
         output_ms = now_ms()
         figures = figures_from(self._summaries.value, output_ms - started_ms)
@@ -262,11 +262,6 @@ def figures_from(summaries: list[dict], batch_ms: int) -> RefreshFigures:
         figures.latency += latency_hist.from_sparse(part["latency"])
     figures.latency = latency_hist.shifted(figures.latency, batch_ms)
     return figures
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 class StreamingJob:

@@ -12,7 +12,7 @@ the Prometheus buckets the exporter publishes (streaming/observability.py).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -29,10 +29,9 @@ def bucket_of(values_ms: np.ndarray) -> np.ndarray:
     return np.searchsorted(EDGES_MS, np.maximum(np.asarray(values_ms, dtype=np.float64), 0), side="right") - 1
 
 
-def counts_of(values_ms: Iterable[float] | np.ndarray) -> np.ndarray:
+def counts_of(values_ms: Sequence[float] | np.ndarray) -> np.ndarray:
     """The histogram (int64 per bucket) of ``values_ms``."""
-    return np.bincount(bucket_of(np.asarray(list(values_ms) if not isinstance(values_ms, np.ndarray)
-                                            else values_ms)), minlength=N_BUCKETS).astype(np.int64)
+    return np.bincount(bucket_of(values_ms), minlength=N_BUCKETS).astype(np.int64)
 
 
 def to_sparse(counts: np.ndarray) -> dict[str, int]:

@@ -155,6 +155,19 @@ def expire(held: dict[str, tuple[str, int, int]], arrived: dict[str, int], now_m
     return gone
 
 
+def advance(held: dict[str, tuple[str, int, int]], arrived: dict[str, int], batch, now_ms: int, ttl_ms: int,
+            cutoff_ms: int | None) -> Merge:
+    """One customer's micro-batch: expire what outlived the TTL, fold in the new rows
+    (``merge_purchases``) and stamp the added purchases with the batch's time (``arrived`` is
+    updated in place). The processor flavours differ only in how they read and write the state
+    around this."""
+    expire(held, arrived, now_ms, ttl_ms)
+    merge = merge_purchases(held, batch, cutoff_ms)
+    for event_id in merge.added:
+        arrived[event_id] = now_ms
+    return merge
+
+
 def iso_to_ms(text: str | None) -> int | None:
     if not text:
         return None
@@ -184,15 +197,12 @@ class PurchaseStateProcessor(_processor_base()):
         now_ms = timerValues.getCurrentProcessingTimeInMs()    # the batch's time: the same on a replay
         stored = self.purchases.get()
         held, arrived = held_from_state(stored)
-        expire(held, arrived, now_ms, self.ttl_ms)
         if self._cutoff_ms is None:
             from streaming.served import served_cutoff_ms
 
             self._cutoff_ms = (served_cutoff_ms(),)     # the driver's verified model for this batch
         cutoff_ms = self._cutoff_ms[0]
-        merge = merge_purchases(held, rows, cutoff_ms)
-        for event_id in merge.added:
-            arrived[event_id] = now_ms
+        merge = advance(held, arrived, rows, now_ms, self.ttl_ms, cutoff_ms)
         if merge.held:
             self.purchases.update(state_value(merge.held, arrived))
         elif stored is not None:

@@ -342,3 +342,16 @@ def test_holder_swaps_at_poll_time_and_refuses_a_broken_model(tmp_path, caplog):
     clock.now += 11
     holder.current()
     assert sum("REFUSED" in r.getMessage() for r in caplog.records) == 1   # logged once, not every poll
+
+
+def test_advance_expires_merges_and_stamps_the_added_purchases_with_the_batch_time():
+    from streaming.state import advance
+
+    held = {"old": ("P1", 1, 10), "kept": ("P2", 1, 20)}
+    arrived = {"old": 0, "kept": 500}
+    rows = pd.DataFrame({"source_partition": ["t-0"] * 2, "source_offset": [1, 2], "event_id": ["kept", "new"],
+                         "product_id": ["P2", "P3"], "quantity": [1, 2], "event_time_ms": [20, 30],
+                         "kafka_ts_ms": [900, 901]})
+    merge = advance(held, arrived, rows, now_ms=1000, ttl_ms=1000, cutoff_ms=None)
+    assert set(merge.held) == {"kept", "new"} and merge.duplicates == 1 and list(merge.added) == ["new"]
+    assert arrived == {"kept": 500, "new": 1000}          # "old" arrived at 0: expired at 1000
