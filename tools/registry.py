@@ -6,15 +6,19 @@ on the one given with ``--store``:
   list                      every version: model type, published, current, cutoff, key metric
   show VERSION              its metadata (params, lineage, stats) and metrics
   compare A B               metrics side by side with the relative change, and the params that differ
-  promote VERSION           make VERSION current, after verifying every file (a version that does
-                            not verify is refused); a version written with --no-publish can be promoted
+  promote VERSION [--force] make VERSION current if the batch job's publish gate passes it (its
+                            recorded holdout metrics against popularity and the current model's, with
+                            the batch.publish settings of the config) and every file verifies; --force
+                            promotes a version the gate refuses (never one that does not verify); a
+                            version written with --no-publish can be promoted
   rollback                  make the previous published version (created before the current) current
   prune --keep N [--yes]    delete old versions (a dry run without --yes); never the current one, the
                             one a rollback would go to, the N most recently published, nor any
                             version created after the current one (a candidate)
 
-Exit codes: 0 done, 1 nothing found (no such version, nothing to roll back to), 2 bad arguments or
-a version that does not verify, 3 the store cannot be reached.
+Exit codes: 0 done, 1 nothing found (no such version, nothing to roll back to), 2 bad arguments, a
+version that does not verify or one the publish gate refuses (without --force), 3 the store cannot
+be reached.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ def model_metrics(metadata: dict) -> dict[str, float]:
     flat: dict[str, float] = {}
     for table, suffix in (("exclude_purchased", ""), ("include_purchased", " (purchased incl.)")):
         for name, value in (((metrics.get(table) or {}).get("model")) or {}).items():
-            if _number(value) and name != "users":
+            if _number(value) and name not in ("users", "k"):
                 flat[f"{name}@{k}{suffix}" if k else f"{name}{suffix}"] = float(value)
     test_rmse = (metrics.get("rmse") or {}).get("test") if isinstance(metrics.get("rmse"), dict) else None
     if _number(test_rmse):
@@ -205,17 +209,64 @@ def cmd_compare(store: ModelStore, args) -> int:
     return EXIT_OK
 
 
+def gate_verdict(store: ModelStore, cfg, version: str, metadata: dict) -> tuple[bool, str]:
+    """The batch job's publish gate (``batch_training.job.gate_decision``) on ``version``'s recorded
+    holdout metrics against the current model's, with the config's ``batch.publish`` settings: the
+    same verdict the job gave (or, under --no-publish, would have given) when it wrote the version,
+    unless the current model or the settings changed since. (ok, reason)."""
+    from batch_training.job import gate_decision, metric_for_gate
+    from batch_training.train import AlsParams
+
+    metrics = metadata.get("metrics") or {}
+    # The gate metric as the job chose it: batch.publish.metric for a model of implicit feedback;
+    # the test RMSE for one of explicit ratings, as `python -m batch_training --mode explicit` sets it.
+    implicit = bool((metadata.get("params") or {}).get("implicit_prefs", True))
+    metric = metric_for_gate(cfg if implicit else cfg.with_overrides({"batch.publish.metric": "rmse"}),
+                             AlsParams(implicit_prefs=implicit))
+    # The table the job served and gated by (purchased products excluded or not), as it recorded it.
+    exclude = bool(metrics.get("exclude_purchased_main", cfg.get_path("batch.exclude_purchased", True)))
+    try:
+        return gate_decision(cfg, metrics, metric, exclude, _current_metrics(store))
+    except (KeyError, TypeError, AttributeError) as err:     # metrics not shaped as the batch job writes them
+        missing = f"no {err} entry" if isinstance(err, KeyError) else f"an unusable entry ({err})"
+        return False, (f"the gate cannot judge it: its recorded metrics have {missing} for the gate metric "
+                       f"{metric!r} (the batch job records the model's and popularity's holdout metrics)")
+
+
+def _current_metrics(store: ModelStore) -> Optional[dict]:
+    """The current model's recorded metrics, which the gate compares with; None when there is none
+    (or it cannot be read: then the gate compares with popularity only, as the batch job does)."""
+    current = store.current_version()
+    if current is None:
+        return None
+    try:
+        return store.load_metadata(current).get("metrics")
+    except ModelLoadError as err:
+        print(f"warning: the current model {current} cannot be read ({err}): the gate compares with "
+              "popularity only", file=sys.stderr)
+        return None
+
+
 def cmd_promote(store: ModelStore, args) -> int:
-    _metadata(store, args.version)
+    metadata = _metadata(store, args.version)
     if store.current_version() == args.version:
         print(f"version {args.version} is already current in {store.uri}")
         return EXIT_OK
     previous = store.current_version()
+    ok, reason = gate_verdict(store, args.cfg, args.version, metadata)
+    if not ok and not args.force:
+        raise _Exit(EXIT_BAD_INPUT, f"the publish gate refuses {args.version}: {reason}; the current model stays "
+                                    f"{previous or '(none)'}. To promote it anyway: python -m tools models "
+                                    f"promote {args.version} --force")
     try:
-        store.set_current(args.version)          # verifies every file first
+        store.set_current(args.version)          # verifies every file first, --force or not
     except ModelLoadError as err:
         raise _Exit(EXIT_BAD_INPUT, f"{err}; the current model stays {previous or '(none)'}") from None
-    print(f"promoted {args.version}: it is now current in {store.uri} (was {previous or 'none'})")
+    if not ok:
+        print(f"WARNING: --force: {args.version} promoted although the publish gate refuses it: {reason}",
+              file=sys.stderr)
+    print(f"promoted {args.version}: it is now current in {store.uri} (was {previous or 'none'}); "
+          + (f"the publish gate passes it: {reason}" if ok else "FORCED past the publish gate (--force)"))
     return EXIT_OK
 
 
@@ -275,8 +326,11 @@ def parser() -> argparse.ArgumentParser:
     diff = sub.add_parser("compare", parents=[common], help="two versions' metrics and params")
     diff.add_argument("a")
     diff.add_argument("b")
-    promote = sub.add_parser("promote", parents=[common], help="make a version current, after verifying it")
+    promote = sub.add_parser("promote", parents=[common],
+                             help="make a version current, if the publish gate passes it and it verifies")
     promote.add_argument("version")
+    promote.add_argument("--force", action="store_true",
+                         help="promote it even if the publish gate refuses it (a WARNING names the reason)")
     sub.add_parser("rollback", parents=[common], help="make the previous published version current")
     prune = sub.add_parser("prune", parents=[common], help="delete old versions (dry run without --yes)")
     prune.add_argument("--keep", type=int, required=True, metavar="N",
@@ -293,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.store:
             cfg = cfg.with_overrides({"model_store.uri": args.store})
         store = ModelStore.from_config(cfg)
+        args.cfg = cfg                        # the gate's settings (batch.publish) for promote
         return COMMANDS[args.command](store, args)
     except _Exit as end:
         print(f"error: {end}", file=sys.stderr)

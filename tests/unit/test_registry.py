@@ -18,10 +18,36 @@ from tools.registry import main
 A, B, C, D, E = (f"2026010{i}T000000Z-00000{i}" for i in range(1, 6))
 
 
-def _model(version: str, map_value: float, reg_param: float = 0.1):
+POPULARITY_MAP = 0.02      # popularity's MAP@10 on every version's holdout below
+
+
+def job_metrics(model_map: float, popularity_map: float = POPULARITY_MAP, model_type: str = "als",
+                test_rmse: float | None = None) -> dict:
+    """Holdout metrics shaped as the batch job records them in a version's metadata (the selected
+    model's row as "model", beside each candidate's and popularity's, purchased products excluded
+    and included; the selection; the RMSE in explicit mode)."""
+    def row(map_value: float) -> dict:
+        return {"k": 10, "precision": map_value * 1.5, "recall": map_value * 1.4, "map": map_value,
+                "ndcg": map_value * 2, "users": 2, "coverage": 0.05, "novelty": 6.0, "diversity": 0.3}
+
+    metrics: dict = {"k": 10, "exclude_purchased_main": True, "selected": model_type, "split": "time",
+                     "cross_validation": None,
+                     "selection": {"selected": model_type, "model_type": model_type, "blend_weight": None,
+                                   "metric": "rmse" if test_rmse is not None else "map",
+                                   "params": {"rank": 3, "reg_param": 0.1, "alpha": 1.0},
+                                   "by": "configuration (no cross-validation)"}}
+    for table, factor in (("exclude_purchased", 1.0), ("include_purchased", 2.5)):
+        model = row(model_map * factor)
+        metrics[table] = {"model": model, model_type: model, "popularity": row(popularity_map * factor)}
+    if test_rmse is not None:
+        metrics["rmse"] = {"train": test_rmse / 2, "test": test_rmse}
+    return metrics
+
+
+def registry_model(version: str, map_value: float, reg_param: float = 0.1, **metrics):
+    """A small model whose metadata holds metrics as the batch job writes them (``job_metrics``)."""
     artifact = small_als(version)
-    artifact.metrics = {"k": 10, "selection": {"metric": "map"},
-                        "exclude_purchased": {"model": {"map": map_value, "ndcg": map_value * 2, "users": 2}}}
+    artifact.metrics = job_metrics(map_value, **metrics)
     artifact.params["reg_param"] = reg_param
     artifact.lineage = {"source": {"path": "data/t.csv", "format": "csv", "raw_rows": 10, "clean_rows": 9},
                         "parent_version": None}
@@ -29,14 +55,17 @@ def _model(version: str, map_value: float, reg_param: float = 0.1):
 
 
 @pytest.fixture
-def store(tmp_path) -> ModelStore:
-    """A published, B written only, C and D published (D current), E a newer candidate."""
+def store(tmp_path, monkeypatch) -> ModelStore:
+    """A published; B written only, refused by the gate (MAP@10 below popularity's); C and D
+    published (D current); E a newer candidate written with --no-publish that the gate passes."""
+    for name in [n for n in os.environ if n.startswith("RECO")]:
+        monkeypatch.delenv(name)             # the gate's settings are the defaults (batch.publish)
     store = ModelStore(str(tmp_path / "models"))
-    store.publish(_model(A, 0.10))
-    store.write(_model(B, 0.05))
-    store.publish(_model(C, 0.11))
-    store.publish(_model(D, 0.12, reg_param=0.5))
-    store.write(_model(E, 0.13))
+    store.publish(registry_model(A, 0.10))
+    store.write(registry_model(B, 0.019))
+    store.publish(registry_model(C, 0.11))
+    store.publish(registry_model(D, 0.12, reg_param=0.5))
+    store.write(registry_model(E, 0.13))
     return store
 
 
@@ -86,7 +115,7 @@ def test_prune_refuses_a_negative_keep_and_does_nothing_before_a_publish(store, 
     with pytest.raises(ValueError, match="keep"):
         store.prune(-1)
     empty = ModelStore(str(tmp_path / "empty"))
-    empty.write(_model(A, 0.1))
+    empty.write(registry_model(A, 0.1))
     assert empty.prune(0, dry_run=False) == [] and empty.list_versions() == [A]
 
 
@@ -130,15 +159,102 @@ def test_compare(store, capsys):
     assert "rank" not in out, "only the params that differ"
 
 
-def test_promote_a_candidate_and_refuse_a_corrupt_one(store, capsys):
+def test_promote_a_candidate_the_gate_passes(store, capsys):
+    """E was written with --no-publish; the gate passes it (it beats popularity and the current D)."""
+    assert run(store, "promote", E) == EXIT_OK
+    captured = capsys.readouterr()
+    assert f"promoted {E}" in captured.out and "the publish gate passes it" in captured.out
+    assert "0.1300" in captured.out and "current model had 0.1200" in captured.out
+    assert "WARNING" not in captured.err
+    assert store.current_version() == E and E in store.published_versions()
+    assert run(store, "promote", E) == EXIT_OK and "already current" in capsys.readouterr().out
+
+
+def test_promote_of_a_version_the_gate_refused_needs_force(store, capsys):
+    assert run(store, "promote", B) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"the publish gate refuses {B}" in err
+    assert "0.0190 does not beat popularity 0.0200" in err and "min_lift_over_popularity" in err
+    assert f"the current model stays {D}" in err and f"promote {B} --force" in err
+    assert store.current_version() == D and B not in store.published_versions()
+
+    assert run(store, "promote", B, "--force") == EXIT_OK
+    captured = capsys.readouterr()
+    warning = next(line for line in captured.err.splitlines() if line.startswith("WARNING"))
+    assert "--force" in warning and B in warning and "does not beat popularity" in warning
+    assert f"promoted {B}" in captured.out and "FORCED" in captured.out
+    assert store.current_version() == B and B in store.published_versions()
+
+
+def test_refused_promote_on_the_command_line(store):
+    done = cli(store, "promote", B)
+    assert done.returncode == EXIT_BAD_INPUT and "does not beat popularity" in done.stderr
+    assert "--force" in done.stderr and store.current_version() == D
+    forced = cli(store, "promote", B, "--force")
+    assert forced.returncode == EXIT_OK, forced.stderr
+    assert "WARNING: --force" in forced.stderr and store.current_version() == B
+
+
+def test_the_gate_compares_with_the_current_model_and_reads_its_settings_from_the_config(store, capsys,
+                                                                                     monkeypatch):
+    """A beats popularity but is more than 10% below the current D (0.10 < 0.9 x 0.12); C is within."""
+    assert run(store, "promote", A) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "more than 10% below the current model's 0.1200" in err and "max_drop_vs_current" in err
+    assert store.current_version() == D
+    assert run(store, "promote", C) == EXIT_OK and store.current_version() == C
+    monkeypatch.setenv("RECO__BATCH__PUBLISH__MAX_DROP_VS_CURRENT", "0.5")
+    assert run(store, "promote", A) == EXIT_OK and store.current_version() == A
+
+
+def test_force_never_promotes_a_version_that_does_not_verify(store, capsys):
     _corrupt(store, E)
     assert run(store, "promote", E) == EXIT_BAD_INPUT
     assert "corrupted" in capsys.readouterr().err
-    assert store.current_version() == D and E not in store.published_versions()
-    assert run(store, "promote", B) == EXIT_OK          # written with publishing off, promoted later
-    assert store.current_version() == B and B in store.published_versions()
+    _corrupt(store, B)
+    assert run(store, "promote", B, "--force") == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert "corrupted" in captured.err and "WARNING" not in captured.err
+    assert store.current_version() == D and not {B, E} & set(store.published_versions())
     assert run(store, "promote", "no-such") == EXIT_NOTHING
-    assert store.current_version() == B
+    assert run(store, "promote", "no-such", "--force") == EXIT_NOTHING
+    assert store.current_version() == D
+
+
+def test_an_explicit_model_is_gated_by_its_rmse(store, capsys):
+    """An explicit-ratings version (--mode explicit) is judged on its test RMSE, as the job judges
+    it, whatever the configured ranking metric: the current D recorded no RMSE to compare with."""
+    explicit = "20260106T000000Z-000006"
+    artifact = registry_model(explicit, 0.001, test_rmse=1.2)      # far below popularity on MAP: no matter
+    artifact.params["implicit_prefs"] = False
+    store.write(artifact)
+    assert run(store, "promote", explicit) == EXIT_OK
+    assert "test rmse 1.2000" in capsys.readouterr().out and store.current_version() == explicit
+    worse = "20260107T000000Z-000007"
+    artifact = registry_model(worse, 0.2, test_rmse=1.5)             # 25% above the current 1.2
+    artifact.params["implicit_prefs"] = False
+    store.write(artifact)
+    assert run(store, "promote", worse) == EXIT_BAD_INPUT
+    assert "max_rmse_rise_vs_current" in capsys.readouterr().err and store.current_version() == explicit
+
+
+def test_a_version_without_the_gates_metrics_is_refused_unless_forced(store, capsys):
+    old = small_als("20260108T000000Z-000008")
+    old.metrics = {"map": 0.5}                   # not what the batch job records: nothing to gate
+    store.write(old.validate())
+    assert run(store, "promote", old.version) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "cannot judge" in err and "'exclude_purchased'" in err and "--force" in err
+    assert run(store, "promote", old.version, "--force") == EXIT_OK
+    assert "cannot judge" in capsys.readouterr().err and store.current_version() == old.version
+
+
+def test_promote_a_popularity_model_the_job_selected(store, capsys):
+    """The popularity model (chosen when nothing beats popularity) is not held to the lift."""
+    version = "20260109T000000Z-000009"
+    store.write(registry_model(version, 0.115, popularity_map=0.115, model_type="popularity"))
+    assert run(store, "promote", version) == EXIT_OK
+    assert "popularity model" in capsys.readouterr().out and store.current_version() == version
 
 
 def test_rollback_on_the_command_line(store):
