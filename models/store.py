@@ -2,34 +2,49 @@
 
 Layout under the root::
 
-    versions/<version>/item_factors.npy, user_factors.npy, items.parquet, users.parquet,
-                       user_items.parquet, metadata.json
+    versions/<version>/item_factors.npy    float32 [n_items, rank]
+                       items.parquet       item_index, product_id, popularity
+                       (format 1: the users written inline by one process, ``write(artifact)``)
+                       user_factors.npy    float32 [n_users, rank]
+                       users.parquet       user_index, customer_id
+                       user_items.parquet  user_index, item_index, count (grouped by user, in order)
+                       (format 2: the users in parts, each written where it was computed,
+                       ``write_user_part``, then ``write(item_side, user_parts=entries)``)
+                       users/part-00000.parquet ...   customer_id str, items list<int32>,
+                                          counts list<float32>, factors list<float32> (rank values)
+                       metadata.json
                        published.json (once made current: {"version", "published_at"})
     CURRENT            {"version": ..., "published_at": ...}
 
-``metadata.json`` is written last and lists every other file with its size and sha256, so a
-version whose writer died half-way is recognisable as incomplete. ``set_current`` re-reads and
-verifies a version before switching the pointer, and switches it in one step (rename locally,
-one PutObject on S3), so readers see either the old or the new model, never a broken one.
+``metadata.json`` is written last and lists every other file with its size and sha256 (a part
+also with its ``rows``), so a version whose writer died half-way (some parts, no metadata) is
+recognisable as incomplete. Format 2 adds ``"user_parts": [names]``: user index = position in
+the parts concatenated in that order, so it loads to exactly the artifact of an inline version;
+``n_users`` is the sum of their rows. Inline versions are still written as format 1 (a format-1
+reader reads them); this reader reads both and refuses a newer format by name.
+
+``set_current`` verifies a version before switching the pointer (an inline one by loading it, one
+with parts file by file, never holding more than one part), and switches it in one step (rename
+locally, one PutObject on S3), so readers see either the old or the new model, never a broken one.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
-import numpy as np
-
+from models.artifact import VERSION_PATTERN, ModelArtifact, ModelValidationError, utc_now_iso
 from models.config import resolve_path
-
-from models.artifact import ModelArtifact, ModelValidationError, utc_now_iso
 from models.scorers import needs_vectors
+from models.store_format import (MAX_PART, USERS_DIR, PartError, build_metadata, decode, encode_files,
+                                 encode_part, metadata_problem, part_name, sha256, user_parts_problem,
+                                 verify_parts)
+from models.store_format import FORMAT_VERSION  # noqa: F401 - re-exported: the newest format read
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +52,6 @@ METADATA = "metadata.json"
 POINTER = "CURRENT"
 PUBLISHED = "published.json"     # written into a version's folder when it is made current
 VERSIONS = "versions"
-FORMAT_VERSION = 1
 
 
 class ModelStoreError(RuntimeError):
@@ -205,31 +219,79 @@ class ModelStore:
         return f"ModelStore({self.uri!r})"
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, artifact: ModelArtifact) -> str:
-        """Write a new version (metadata last); an existing complete version is never replaced."""
+    def write(self, artifact: ModelArtifact, user_parts: Optional[list[dict]] = None) -> str:
+        """Write a new version (metadata last); an existing complete version is never replaced.
+
+        With ``user_parts`` (the entries ``write_user_part`` returned, in user order) the artifact
+        carries the item side only and the users are those parts: nothing user-sized passes through
+        this process. Their content is checked by ``set_current`` (``verify``), not here."""
         try:
             artifact.validate()
         except ModelValidationError as err:
             raise ModelStoreError(f"refusing to write version {artifact.version!r} to {self.uri}: {err}") from err
-        folder = f"{VERSIONS}/{artifact.version}"
-        if self.backend.exists(f"{folder}/{METADATA}"):
-            raise ModelStoreError(f"version {artifact.version} already exists at "
-                                  f"{self.backend.describe(folder)}: versions are immutable, "
-                                  "write the model under a new version (models.artifact.new_version())")
-        files = _encode_files(artifact)
+        folder = self._writable_folder(artifact.version, "version")
+        parts = None if user_parts is None else self._checked_parts(artifact, user_parts)
+        files = encode_files(artifact, with_users=parts is None)
         for name, data in files.items():
             self.backend.put_bytes(f"{folder}/{name}", data)
-        metadata = _metadata(artifact, files)
+        metadata = build_metadata(artifact, files, parts)
         self.backend.put_bytes(f"{folder}/{METADATA}", json.dumps(metadata, indent=2, sort_keys=True).encode())
-        log.info("model version %s written to %s (%s: %d items, %d users%s)", artifact.version,
-                 self.backend.describe(folder), artifact.model_type, artifact.n_items, artifact.n_users,
+        users = f"{metadata['n_users']} users" + ("" if parts is None else f" in {len(parts)} parts")
+        log.info("model version %s written to %s (%s: %d items, %s%s)", artifact.version,
+                 self.backend.describe(folder), artifact.model_type, artifact.n_items, users,
                  f", rank {artifact.rank}" if needs_vectors(artifact.model_type) else "")
         return artifact.version
+
+    def write_user_part(self, version: str, part: int, frame) -> dict:
+        """Write part ``part`` of ``version``'s users; returns its entry for ``write(..., user_parts)``.
+
+        Meant to run where the part was computed (a Spark task building its own store), so the
+        users are never gathered on the driver. ``frame`` (pandas) has the columns customer_id
+        (str), items (lists of item indices), counts (lists, as long as items) and factors (lists of
+        rank values, empty for rank 0). A retried task rewrites its part with the same bytes."""
+        if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part <= MAX_PART:
+            raise ValueError(f"user part number {part!r} must be a whole number from 0 to {MAX_PART}")
+        name = part_name(part)
+        folder = self._writable_folder(version, f"user part {name} of version")
+        try:
+            data, rows = encode_part(frame)
+        except ValueError as err:
+            raise ModelStoreError(f"refusing to write user part {name} of version {version} to {self.uri}: "
+                                  f"the frame {err}; fix the task that computed it") from None
+        self.backend.put_bytes(f"{folder}/{name}", data)
+        return {"name": name, "size": len(data), "sha256": sha256(data), "rows": rows}
+
+    def _writable_folder(self, version: str, what: str) -> str:
+        """The folder of ``version``, refused when the name is unusable or the version is complete."""
+        if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+            raise ModelStoreError(f"cannot write {what} {version!r}: a version is 1-128 letters, digits, '.', "
+                                  "'_' or '-' (use models.artifact.new_version())")
+        folder = f"{VERSIONS}/{version}"
+        if self.backend.exists(f"{folder}/{METADATA}"):
+            raise ModelStoreError(f"cannot write {what} {version}: it already exists at "
+                                  f"{self.backend.describe(folder)}: versions are immutable, "
+                                  "write the model under a new version (models.artifact.new_version())")
+        return folder
+
+    def _checked_parts(self, artifact: ModelArtifact, user_parts: list[dict]) -> list[dict]:
+        refuse = f"refusing to write version {artifact.version} to {self.uri} with user parts:"
+        if artifact.n_users or len(artifact.user_items_indices):
+            raise ModelStoreError(f"{refuse} the artifact holds {artifact.n_users} users too; give it the "
+                                  "item side only (empty user_ids) or write it without user_parts")
+        problem = user_parts_problem(user_parts)
+        if problem:
+            raise ModelStoreError(f"{refuse} {problem}")
+        for entry in user_parts:
+            key = f"{VERSIONS}/{artifact.version}/{entry['name']}"
+            if not self.backend.exists(key):
+                raise ModelStoreError(f"{refuse} {self.backend.describe(key)} does not exist: the task that "
+                                      "wrote it failed or wrote another version; rerun the job")
+        return [dict(entry) for entry in user_parts]
 
     def set_current(self, version: str) -> None:
         """Make ``version`` current after verifying it completely; the switch is one atomic write."""
         try:
-            self.load(version)
+            self.verify(version)
         except ModelLoadError as err:
             raise ModelLoadError(f"refusing to make version {version} current in {self.uri}: {err}") from err
         pointer = {"version": version, "published_at": utc_now_iso()}
@@ -324,9 +386,14 @@ class ModelStore:
         return doomed
 
     def version_fingerprint(self, version: str) -> tuple:
-        """Cheap tags (no download) of every file of ``version``: they change when a file is rewritten."""
+        """Cheap tags (no download) of every file of ``version``, its user parts included: they
+        change when a file is rewritten."""
         folder = f"{VERSIONS}/{version}"
-        return tuple((name, self.backend.tag(f"{folder}/{name}")) for name in self.backend.list(folder))
+        names = self.backend.list(folder)
+        if USERS_DIR in names:
+            names = [n for n in names if n != USERS_DIR] + \
+                [f"{USERS_DIR}/{n}" for n in self.backend.list(f"{folder}/{USERS_DIR}")]
+        return tuple((name, self.backend.tag(f"{folder}/{name}")) for name in sorted(names))
 
     def load_metadata(self, version: str) -> dict:
         """The parsed metadata.json of ``version`` (no file verification)."""
@@ -350,13 +417,52 @@ class ModelStore:
             version = self.current_version()
             if version is None:
                 raise ModelLoadError(f"no current model in {self.uri}: run the batch job to publish one")
+        return self._load(version, self._checked_metadata(version))
+
+    def verify(self, version: str) -> None:
+        """Check ``version`` completely (files, checksums, content) without switching anything.
+
+        An inline version is loaded; one with user parts is checked file by file, so the check
+        needs its largest part plus 8 bytes per customer, not the whole model, wherever it runs."""
+        metadata = self._checked_metadata(version)
+        if metadata.get("user_parts") is None:
+            self._load(version, metadata)
+            return
+        with self._decoding(version):
+            verify_parts(metadata, self._reader(version, metadata))
+
+    def _load(self, version: str, metadata: dict) -> ModelArtifact:
+        if metadata.get("user_parts") is None:     # format 1: every listed file verified up front
+            files = {name: self._verified_file(version, name, entry) for name, entry in metadata["files"].items()}
+            read: Callable[[str], bytes] = files.__getitem__
+        else:                                      # format 2: one file at a time, as decoded
+            read = self._reader(version, metadata)
+        with self._decoding(version):
+            return decode(metadata, read).validate()
+
+    def _checked_metadata(self, version: str) -> dict:
         metadata = self.load_metadata(version)
         if metadata.get("version") != version:
             raise ModelLoadError(f"model version {version} in {self.uri}: its metadata.json names version "
                                  f"{metadata.get('version')!r}; the folder was copied or renamed by hand")
-        files = {name: self._verified_file(version, name, entry) for name, entry in metadata["files"].items()}
+        problem = metadata_problem(metadata)
+        if problem:
+            raise ModelLoadError(f"model version {version} in {self.uri} cannot be read: its metadata.json "
+                                 f"({self.backend.describe(f'{VERSIONS}/{version}/{METADATA}')}): {problem}")
+        return metadata
+
+    def _reader(self, version: str, metadata: dict) -> Callable[[str], bytes]:
+        return lambda name: self._verified_file(version, name, metadata["files"][name])
+
+    @contextmanager
+    def _decoding(self, version: str) -> Iterator[None]:
+        """Turn a decoding problem into a ModelLoadError naming the version (and the part)."""
         try:
-            return _decode(metadata, files).validate()
+            yield
+        except PartError as err:
+            raise ModelLoadError(f"model version {version} in {self.uri} has an unusable user part: "
+                                 f"{self.backend.describe(f'{VERSIONS}/{version}/{err.name}')} {err.problem}; "
+                                 "fix the writer and publish another version") from None
         except ModelValidationError as err:
             raise ModelLoadError(f"model version {version} in {self.uri} is inconsistent: {err}") from None
         except (KeyError, ValueError, TypeError, OSError) as err:
@@ -369,85 +475,8 @@ class ModelStore:
         if data is None:
             raise ModelLoadError(f"model version {version} is incomplete: {self.backend.describe(key)} is "
                                  "missing; publish another version")
-        if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        if len(data) != entry.get("size") or sha256(data) != entry.get("sha256"):
             raise ModelLoadError(f"model version {version} is corrupted: {self.backend.describe(key)} has "
                                  f"{len(data)} bytes and a checksum that do not match metadata.json "
                                  f"({entry.get('size')} bytes); publish another version")
         return data
-
-
-# -- encoding ---------------------------------------------------------------------------------
-def _encode_files(artifact: ModelArtifact) -> dict[str, bytes]:
-    import pandas as pd
-
-    indptr, indices, counts = artifact.user_items
-    user_of_entry = np.repeat(np.arange(artifact.n_users, dtype=np.int32), np.diff(indptr))
-    return {
-        "item_factors.npy": _npy(artifact.item_factors),
-        "user_factors.npy": _npy(artifact.user_factors),
-        "items.parquet": _parquet(pd.DataFrame({"item_index": np.arange(artifact.n_items, dtype=np.int32),
-                                                "product_id": artifact.item_ids,
-                                                "popularity": artifact.popularity})),
-        "users.parquet": _parquet(pd.DataFrame({"user_index": np.arange(artifact.n_users, dtype=np.int32),
-                                                "customer_id": artifact.user_ids})),
-        "user_items.parquet": _parquet(pd.DataFrame({"user_index": user_of_entry, "item_index": indices,
-                                                     "count": counts})),
-    }
-
-
-def _metadata(artifact: ModelArtifact, files: dict[str, bytes]) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "version": artifact.version,
-        "model_type": artifact.model_type,
-        "params": artifact.params,
-        "cutoff_time": artifact.cutoff_time,
-        "stats": artifact.stats,
-        "metrics": artifact.metrics,
-        "created_at": artifact.created_at,
-        "lineage": artifact.lineage,
-        "n_items": artifact.n_items,
-        "n_users": artifact.n_users,
-        "rank": artifact.rank,
-        "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                  for name, data in files.items()},
-    }
-
-
-def _decode(metadata: dict, files: dict[str, bytes]) -> ModelArtifact:
-    import pandas as pd
-
-    items = pd.read_parquet(io.BytesIO(files["items.parquet"])).sort_values("item_index")
-    users = pd.read_parquet(io.BytesIO(files["users.parquet"])).sort_values("user_index")
-    pairs = pd.read_parquet(io.BytesIO(files["user_items.parquet"]))
-    n_users = len(users)
-    user_of_entry = pairs["user_index"].to_numpy(np.int64)
-    if len(user_of_entry) and (np.any(np.diff(user_of_entry) < 0) or user_of_entry.max() >= n_users):
-        raise ValueError("user_items.parquet rows are not grouped by a known user_index in order")
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(user_of_entry, minlength=n_users))])
-    return ModelArtifact(
-        version=metadata["version"], model_type=metadata["model_type"],
-        item_ids=items["product_id"].to_numpy(), item_factors=_load_npy(files["item_factors.npy"]),
-        user_ids=users["customer_id"].to_numpy(), user_factors=_load_npy(files["user_factors.npy"]),
-        popularity=items["popularity"].to_numpy(np.float64),
-        user_items_indptr=indptr, user_items_indices=pairs["item_index"].to_numpy(np.int32),
-        user_items_counts=pairs["count"].to_numpy(np.float32),
-        params=metadata.get("params") or {}, cutoff_time=metadata.get("cutoff_time"),
-        stats=metadata.get("stats") or {}, metrics=metadata.get("metrics") or {},
-        created_at=metadata.get("created_at") or utc_now_iso(), lineage=metadata.get("lineage") or {})
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _parquet(frame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()

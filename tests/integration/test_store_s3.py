@@ -1,10 +1,12 @@
 """The model store against S3 (the local moto server over HTTP, as boto3 talks to AWS)."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from models.artifact import ModelArtifact, new_version
@@ -92,3 +94,51 @@ def test_a_missing_bucket_is_named(cfg, dynamodb_endpoint):
     store = ModelStore.from_config(cfg.with_overrides({"model_store.uri": "s3://no-such-bucket-xyz/m"}))
     with pytest.raises(ModelStoreError, match="bucket 'no-such-bucket-xyz' does not exist"):
         store.write(make_artifact(5))
+
+
+def write_in_parts(s3_cfg, artifact: ModelArtifact, bounds=(0, 5, 5, 12)) -> list[dict]:
+    """The users as parts, each by a store of its own (as Spark tasks on executors), then the item side."""
+    indptr, indices, counts = artifact.user_items
+    entries = []
+    for part, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        frame = pd.DataFrame({"customer_id": artifact.user_ids[lo:hi],
+                              "items": [indices[indptr[u]:indptr[u + 1]] for u in range(lo, hi)],
+                              "counts": [counts[indptr[u]:indptr[u + 1]] for u in range(lo, hi)],
+                              "factors": [artifact.user_factors[u] for u in range(lo, hi)]})
+        entries.append(ModelStore.from_config(s3_cfg).write_user_part(artifact.version, part, frame))
+    item_side = dataclasses.replace(artifact, user_ids=np.zeros(0, dtype=str),
+                                    user_factors=np.zeros((0, artifact.rank), dtype=np.float32),
+                                    user_items_indptr=np.zeros(1, dtype=np.int64),
+                                    user_items_indices=np.zeros(0, dtype=np.int32),
+                                    user_items_counts=np.zeros(0, dtype=np.float32))
+    ModelStore.from_config(s3_cfg).write(item_side, user_parts=entries)
+    return entries
+
+
+def test_a_version_in_parts_round_trips_is_published_and_pruned(s3_cfg):
+    store = ModelStore.from_config(s3_cfg)
+    client, bucket = s3_client(s3_cfg), store.backend.bucket
+    first, second, third = make_artifact(6), make_artifact(7), make_artifact(8)
+    entries = write_in_parts(s3_cfg, first)
+    store.set_current(first.version)
+    assert_same_artifact(ModelStore.from_config(s3_cfg).load(), first)
+    assert store.load_metadata(first.version)["user_parts"] == [e["name"] for e in entries]
+    fingerprint = dict(store.version_fingerprint(first.version))
+    assert all(fingerprint.get(e["name"]) for e in entries), fingerprint
+
+    folder = f"reco/models/versions/{first.version}"
+    body = client.get_object(Bucket=bucket, Key=f"{folder}/users/part-00002.parquet")["Body"].read()
+    client.put_object(Bucket=bucket, Key=f"{folder}/users/part-00002.parquet", Body=body[:-4])
+    with pytest.raises(ModelLoadError, match=f"refusing to make version {first.version} current.*corrupted: "
+                                             f"s3://{bucket}/{folder}/users/part-00002.parquet"):
+        store.set_current(first.version)
+    client.put_object(Bucket=bucket, Key=f"{folder}/users/part-00002.parquet", Body=body)
+
+    for artifact in (second, third):
+        write_in_parts(s3_cfg, artifact)
+        store.set_current(artifact.version)
+    assert store.prune(keep=0, dry_run=False) == [first.version]
+    left = client.list_objects_v2(Bucket=bucket, Prefix=f"{folder}/")
+    assert left["KeyCount"] == 0, [o["Key"] for o in left.get("Contents", [])]
+    assert store.list_versions() == [second.version, third.version]
+    assert_same_artifact(store.load(), third)
