@@ -3,7 +3,9 @@
 #   - OpenJDK 17 and Maven from the system packages when missing (needs root and apt-get),
 #   - Debian's OpenBLAS as the native libblas.so.3 Spark ALS uses (skip with RECO_NATIVE_BLAS=0),
 #   - Chromium for the tests (headless, opens the training report) when missing (needs root and apt-get),
-#   - the Python dependencies into .venv/ (pyproject.toml, extras dev and local),
+#   - the Python dependencies into .venv/: the exact versions, hash-checked, of requirements-lock.txt
+#     (pyproject.toml's dependencies with the extras dev and local; `make lock` remakes it), then the
+#     project itself (editable, no dependencies, built by the locked setuptools),
 #   - the JVM jars pinned in jvm/pom.xml into .cache/jars/ (Kafka connector for Spark, Kafka broker).
 # Re-runs only the steps whose inputs changed (stamps under .cache/).
 set -euo pipefail
@@ -51,15 +53,21 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
-# 3. Python dependencies.
+# 3. Python dependencies, from the lock file (re-installed when it, pyproject.toml or Python changes).
 PY=${RECO_PYTHON:-python3}
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python 3.10+ required ($PY is older)"; exit 1; }
-py_key=$( (cat pyproject.toml; "$PY" --version) | sha256sum | cut -c1-16)
+LOCK=requirements-lock.txt
+# The lock is made for Python 3.11 (the image's); several locked versions need 3.11 or newer.
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { say "Python 3.11+ required ($PY is older)"; exit 1; }
+py_version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+py_key=$( (cat "$LOCK" pyproject.toml; "$PY" --version) | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ] || ! stamp_ok python "$py_key"; then
-  say "installing Python dependencies into .venv/"
+  say "installing the locked Python dependencies ($LOCK) into .venv/"
+  [ "$py_version" = 3.11 ] || say "note: $LOCK is made for Python 3.11 and $PY is $py_version; if a locked version" \
+    "does not install on it, run with RECO_PYTHON=python3.11 (and delete .venv/)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,local]'
+  .venv/bin/python -m pip install -q --require-hashes -r "$LOCK"
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$py_key" > "$STAMPS/python"
 fi
 

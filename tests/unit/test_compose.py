@@ -165,17 +165,112 @@ def test_every_image_is_pinned(services):
             assert re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest"), f"{path}: {base}"
 
 
-def test_system_and_python_packages_in_the_images_are_pinned(services):
+SNAPSHOT_URL = "snapshot.debian.org/archive/"
+LOCK_FILE = REPO_ROOT / "requirements-lock.txt"
+
+
+def _apt_installs(arguments: str) -> list[list[str]]:
+    """The packages of every ``apt-get [options] install ...`` in a RUN (one list per install)."""
+    installs = []
+    for command in re.split(r"&&|\|\||;", arguments):
+        words = [w.strip("\"'") for w in command.split()]
+        if "apt-get" in words and "install" in words:
+            installs.append([w for w in words[words.index("install") + 1:] if not w.startswith("-")])
+    return installs
+
+
+def test_system_and_python_packages_in_the_images_are_pinned_and_stay_installable(services):
+    """Debian packages come from the Debian snapshot archive at a fixed date (which keeps every
+    version it ever served), never pinned to an exact revision of the live mirror, which drops it at
+    the next security update; Python packages come hash-checked from the lock, or pinned."""
     for name, path in _dockerfiles(services).items():
-        for kind, arguments in _dockerfile(path):
-            if kind == "RUN" and "apt-get install" in arguments:
-                packages = [w.strip('"') for w in arguments.split("apt-get install", 1)[1].split("&&")[0].split()
-                            if not w.startswith("-")]
-                assert packages and all("=" in p for p in packages), f"{path}: unpinned apt packages {packages}"
-            if kind == "RUN" and re.search(r"pip install (?!-r|--no-deps)", arguments):
-                assert re.search(r"==\$\{\w+\}|==[\d.]+", arguments), f"{path}: unpinned pip install: {arguments}"
+        instructions = _dockerfile(path)
+        args = _arg_defaults(instructions)
+        for kind, arguments in instructions:
+            if kind != "RUN":
+                continue
+            for packages in _apt_installs(arguments):
+                assert packages, f"{path}: apt-get install of nothing"
+                pinned = [p for p in packages if "=" in p]
+                assert not pinned, (f"{path}: {pinned} pinned to Debian revisions, which leave the mirror at its "
+                                    "next security update: take the versions from a dated snapshot instead")
+                assert not [p for p in packages if p.startswith("openjdk")], \
+                    f"{path}: the JRE comes from a pinned image, not Debian's openjdk package"
+                dates = [args.get(ref, "") for ref in re.findall(r"\$\{?(\w+)\}?", arguments)]
+                assert SNAPSHOT_URL in arguments and any(re.fullmatch(r"\d{8}T\d{6}Z", d) for d in dates), (
+                    f"{path}: apt must read the Debian snapshot archive ({SNAPSHOT_URL}) at a fixed date "
+                    f"(an ARG with a default like 20261201T000000Z) in the RUN that installs {packages}")
+                assert "Check-Valid-Until=false" in arguments, f"{path}: snapshot Release files are expired"
+            for command in re.split(r"&&|\|\||;", arguments):
+                if not re.search(r"\bpip install\b", command):
+                    continue
+                locked = re.search(r"--require-hashes\b.*-r\s+\S+", command)
+                assert locked or "--no-deps" in command or re.search(r"==\$\{\w+\}|==[\d.]+", command), \
+                    f"{path}: pip install neither from a lock with hashes, nor --no-deps, nor pinned: {command}"
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert re.search(r'"pyspark==[\d.]+"', pyproject), "pyspark must stay pinned in pyproject.toml"
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_lock_file_pins_every_dependency_with_hashes():
+    import tomllib
+
+    entries = re.split(r"\n(?=[A-Za-z0-9])", LOCK_FILE.read_text().split("\n", 2)[2])
+    pins = {}
+    for entry in (e for e in entries if e.strip() and not e.startswith("#")):
+        requirement = entry.split()[0]
+        assert re.fullmatch(r"[A-Za-z0-9._-]+(\[[\w,-]+\])?==[\w.+!-]+", requirement), f"not exact: {requirement}"
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), f"{requirement} has no hash"
+        pins[_normalized(re.split(r"[\[=]", requirement)[0])] = requirement.split("==")[1]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"],
+              *(r for extra in ("dev", "local") for r in project["project"]["optional-dependencies"][extra])]
+    for requirement in wanted:
+        name = _normalized(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))
+        assert name in pins, f"{requirement} (pyproject.toml) is not in {LOCK_FILE.name}: run make lock"
+    assert re.search(r"^lock:", (REPO_ROOT / "Makefile").read_text(), re.M), "make lock remakes the lock file"
+    assert "make lock" in LOCK_FILE.read_text().split("\n", 2)[1]
+
+
+def test_setup_and_the_app_image_install_the_same_lock_file(services):
+    setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
+    lock_name = re.search(r"^LOCK=(\S+)$", setup, re.M).group(1)
+    assert (REPO_ROOT / lock_name) == LOCK_FILE
+    assert re.search(r'pip install -q --require-hashes -r "\$LOCK"', setup)
+    assert re.search(r"pip install -q --no-deps --no-build-isolation -e \.", setup)
+    assert "$LOCK" in re.search(r"^py_key=.*$", setup, re.M).group(0), "a changed lock re-installs"
+
+    path = _dockerfiles(services)["streaming"]
+    instructions = _dockerfile(path)
+    copied = [a.split()[:-1] for kind, a in instructions if kind == "COPY" and not a.startswith("--from=")]
+    assert [lock_name] in copied, f"{path} does not copy {lock_name}"
+    runs = [a for kind, a in instructions if kind == "RUN"]
+    assert any(re.search(rf"pip install --require-hashes -r {re.escape(lock_name)}\b", r) for r in runs)
+    assert any(re.search(r"pip install --no-deps --no-build-isolation -e \.", r) for r in runs)
+    assert not any(re.search(r"pip install (?!--require-hashes -r |--no-deps )", r) for r in runs), \
+        "every Python package of the app image comes from the lock"
+
+    ignore = (path.parent / f"{path.name}.dockerignore").read_text().splitlines()
+    for sources in copied:
+        for source in sources:
+            assert f"!{source}" in ignore, f"{path.name}.dockerignore keeps {source} out of the build context"
+
+
+def test_the_app_image_runs_spark_on_the_jre_of_a_pinned_image(services):
+    path = _dockerfiles(services)["streaming"]
+    instructions = _dockerfile(path)
+    args = _arg_defaults(instructions)
+    stages = {a.split()[-1]: re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), a.split()[0])
+              for kind, a in instructions if kind == "FROM" and " AS " in a.upper()}
+    java_home = re.search(r"JAVA_HOME=(\S+)", " ".join(a for kind, a in instructions if kind == "ENV")).group(1)
+    copies = [a.split() for kind, a in instructions if kind == "COPY" and a.startswith("--from=")]
+    jre = next((c for c in copies if c[-1].rstrip("/") == java_home), None)
+    assert jre, f"JAVA_HOME {java_home} is not copied from another image"
+    image = stages[jre[0].split("=", 1)[1]]
+    assert re.fullmatch(r"eclipse-temurin:17\.[\d.]+_\d+-jre(-\w+)?", image), f"the JRE image {image} is not one release"
 
 
 def test_python_module_commands_name_existing_modules(services):
