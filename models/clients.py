@@ -238,6 +238,30 @@ def spark_kafka_options(cfg: Config) -> dict[str, str]:
     return options
 
 
+def spark_kafka_sink_options(cfg: Config, outage_tolerance_ms: int) -> dict[str, str]:
+    """Spark's Kafka sink for the recommendations topic: the connection options, and a producer
+    that rides out a broker outage up to ``outage_tolerance_ms`` (its sends wait and retry that
+    long before the task fails)."""
+    tolerance_ms = max(1000, int(outage_tolerance_ms))
+    # Records come in bursts of a micro-batch: 1 MB batches send them faster than the 16 kB default.
+    return {**spark_kafka_options(cfg), "kafka.acks": "all", "kafka.linger.ms": "5",
+            "kafka.batch.size": str(1 << 20), "kafka.delivery.timeout.ms": str(tolerance_ms),
+            "kafka.request.timeout.ms": str(min(30_000, tolerance_ms - 5)), "kafka.max.block.ms": str(tolerance_ms),
+            "kafka.reconnect.backoff.max.ms": "2000", "topic": str(cfg.get_path("kafka.topics.recommendations"))}
+
+
+def executor_connections(cfg: Config) -> dict:
+    """The config sections a Spark task needs to reach the model store and the table (no Kafka
+    credentials: Spark's sink writes the topic in the JVM). The store's URI is resolved here, on
+    the driver, so a relative folder does not depend on where an executor runs."""
+    uri = cfg.text("model_store.uri")
+    if "://" not in uri:
+        uri = str(cfg.path("model_store.uri"))
+    return {"model_store": {**cfg.get_path("model_store"), "uri": uri},
+            "dynamodb": {key: value for key, value in cfg.get_path("dynamodb").items() if key != "local"},
+            "aws": dict(cfg.get_path("aws")), "kafka": {"topics": dict(cfg.get_path("kafka.topics"))}}
+
+
 def boto3_client(cfg: Config, service: str, endpoint_url: str | None = None):
     """A boto3 client for ``service`` ("dynamodb", "s3") honouring the configured endpoint."""
     import boto3

@@ -66,12 +66,9 @@ class ExecutorSettings:
     def from_config(cls, cfg: Config, settings, write_table: bool = True) -> "ExecutorSettings":
         """``settings``: the job's StreamingSettings. The store's URI is resolved here, on the
         driver, so relative folders do not depend on where an executor runs."""
-        uri = cfg.text("model_store.uri")
-        if "://" not in uri:
-            uri = str(cfg.path("model_store.uri"))
-        connections = {"model_store": {**cfg.get_path("model_store"), "uri": uri},
-                       "dynamodb": {key: value for key, value in cfg.get_path("dynamodb").items() if key != "local"},
-                       "aws": dict(cfg.get_path("aws")), "kafka": {"topics": dict(cfg.get_path("kafka.topics"))}}
+        from models.clients import executor_connections
+
+        connections = executor_connections(cfg)
         return cls(k=settings.k, exclude_purchased=settings.exclude_purchased, write_table=write_table,
                    outage_tolerance_ms=settings.sink_outage_tolerance_ms,
                    default_count_mode=str(cfg.get_path("data.count_mode")), connections=connections)

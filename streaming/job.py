@@ -171,17 +171,11 @@ def _check_state_cutoff(applied: set[int], model, batch_id: int) -> None:
 
 
 def sink_kafka_options(cfg: Config, settings: StreamingSettings) -> dict[str, str]:
-    """Spark's Kafka sink for the recommendations topic: the connection options, and a producer
-    that rides out a broker outage up to ``streaming.sink_outage_tolerance`` (its sends wait and
-    retry that long before the task fails; a restart then replays the batch)."""
-    from models.clients import spark_kafka_options
+    """Spark's Kafka sink for the recommendations topic, riding out a broker outage up to
+    ``streaming.sink_outage_tolerance`` (a restart then replays the batch)."""
+    from models.clients import spark_kafka_sink_options
 
-    tolerance_ms = max(1000, settings.sink_outage_tolerance_ms)
-    # Records come in bursts of a micro-batch: 1 MB batches send them faster than the 16 kB default.
-    return {**spark_kafka_options(cfg), "kafka.acks": "all", "kafka.linger.ms": "5",
-            "kafka.batch.size": str(1 << 20), "kafka.delivery.timeout.ms": str(tolerance_ms),
-            "kafka.request.timeout.ms": str(min(30_000, tolerance_ms - 5)), "kafka.max.block.ms": str(tolerance_ms),
-            "kafka.reconnect.backoff.max.ms": "2000", "topic": str(cfg.get_path("kafka.topics.recommendations"))}
+    return spark_kafka_sink_options(cfg, settings.sink_outage_tolerance_ms)
 
 
 class BatchRefresher:
