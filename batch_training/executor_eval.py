@@ -22,7 +22,6 @@ distinct count: tasks emit their distinct recommended items and Spark counts the
 from __future__ import annotations
 
 import copy
-import math
 from functools import partial
 from typing import Callable, Iterator, Mapping
 
@@ -32,6 +31,7 @@ import pandas as pd
 from batch_training.candidates import Candidate, as_candidate, recommend_candidates
 from batch_training.evaluation import Csr, ItemPopularity, _relevant_rows
 from batch_training.metrics import PADDING, RANKING_METRICS, intra_list_diversity, novelty, ranking_metrics
+from batch_training.per_customer import partitions_for
 from models.artifact import ModelArtifact
 from models.scorers import buy_again, user_vectors
 
@@ -107,21 +107,14 @@ def item_similarity(train, n_items: int) -> np.ndarray:
     """
     from pyspark.sql import functions as F
 
+    from models.scorers import cosine_of_cooccurrence
+
     bought = train.select("user", F.col("item").cast("int").alias("item")).distinct()
     pairs = (bought.alias("a").join(bought.alias("b"), "user")
              .groupBy(F.col("a.item").alias("i"), F.col("b.item").alias("j")).count().toPandas())
     co = np.zeros((n_items, n_items), dtype=np.float32)      # whole counts: exact in float32, as item_cosine's
     co[pairs["i"].to_numpy(), pairs["j"].to_numpy()] = pairs["count"].to_numpy()
-    norms = np.sqrt(np.diag(co).astype(np.float64))
-    inverse = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
-    similarity = co * inverse[:, None] * inverse[None, :]
-    np.fill_diagonal(similarity, 0.0)
-    return similarity
-
-
-def partitions_for(n_customers: int, per_partition: int = CUSTOMERS_PER_PARTITION) -> int:
-    """Enough partitions that a task holds about ``per_partition`` customers at most."""
-    return max(1, math.ceil(n_customers / max(1, per_partition)))
+    return cosine_of_cooccurrence(co)
 
 
 # ------------------------------------------------------------------------------------ internals
@@ -133,7 +126,7 @@ def _evaluate(train, relevant_rows, item_side: ModelArtifact, score: Callable, n
     added by Spark; the driver receives a row per candidate."""
     from pyspark.sql import functions as F
 
-    customers = _customer_frame(train, relevant_rows, partitions or partitions_for(popularity.n_customers))
+    customers = _customer_frame(train, relevant_rows, partitions or partitions_for(popularity.n_customers, CUSTOMERS_PER_PARTITION))
     shared = train.sparkSession.sparkContext.broadcast((item_side, popularity, item_factors))
     try:
         rows = (customers.mapInPandas(partial(_task, shared=shared, score=score, k=k), SUMS_SCHEMA)

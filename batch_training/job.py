@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
                                        item_popularity, kfold_splits, relevant_sets, evaluate)
 from batch_training.metrics import rmse
+from batch_training.executor_eval import buy_again_table_on_executors, candidate_table_on_executors
+from batch_training.per_customer import (partitions_for, run_on_executors, seed_item_similarity, use_executors,
+                                         write_sinks)
 from batch_training.report import write_report
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
@@ -122,10 +126,10 @@ def check_settings(cfg: Config) -> AlsParams:
         _check_als(params, "batch.grid")
     metrics = (*RANKING_METRICS, *sorted(LOWER_IS_BETTER))
     default_metric = "map" if base.implicit_prefs else "rmse"
-    choices = {"batch.final_fit": ("refit", "fold_in"), "batch.topk_engine": ("driver", "spark"),
+    choices = {"batch.final_fit": ("refit", "fold_in"), "batch.topk_engine": ("auto", "driver", "spark"),
                "batch.holdout.method": ("auto", *SPLIT_METHODS), "data.count_mode": COUNT_MODES,
                "batch.selection_metric": metrics, "batch.publish.metric": metrics}
-    defaults = {"batch.final_fit": "refit", "batch.topk_engine": "driver", "batch.holdout.method": "auto",
+    defaults = {"batch.final_fit": "refit", "batch.topk_engine": "auto", "batch.holdout.method": "auto",
                 "data.count_mode": "rows", "batch.selection_metric": default_metric,
                 "batch.publish.metric": default_metric}
     for key, allowed in choices.items():
@@ -135,7 +139,8 @@ def check_settings(cfg: Config) -> AlsParams:
     for key in ("batch.selection_metric", "batch.publish.metric"):
         if cfg.get_path(key, default_metric) in LOWER_IS_BETTER and base.implicit_prefs:
             raise ConfigError(f"{key} rmse needs explicit ratings (batch.als.implicit_prefs: false, or --mode explicit)")
-    for key, least in (("batch.k", 1), ("batch.cv_folds", 0)):
+    for key, least in (("batch.k", 1), ("batch.cv_folds", 0), ("batch.executor_min_customers", 0),
+                       ("batch.customers_per_partition", 1)):
         value = cfg.get_path(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{key} {value!r}: use a whole number >= {least}")
@@ -237,13 +242,19 @@ def run(cfg: Config, spark=None) -> BatchResult:
     else:   # popularity, item-kNN: the ALS parameters play no part in its lists
         log.info("selected model: %s (no ALS factors in its scores)", selected.name)
 
+    on_executors = use_executors(cfg, n_users)
+    log.info("per-customer work on the %s (batch.topk_engine=%s, %s customers; batch.executor_min_customers=%s)",
+             "executors" if on_executors else "driver", cfg.get_path("batch.topk_engine"), f"{n_users:,}",
+             f"{int(cfg.get_path('batch.executor_min_customers')):,}")
     stages.start("evaluation on the holdout")
-    holdout_factors = fit_als(train, chosen, n_users, n_items)
-    holdout = _Split(train, test, n_users, n_items)
+    explicit = not base.implicit_prefs    # its RMSE needs the user factors on the driver
+    holdout_factors = fit_als(train, chosen, n_users, n_items, collect_users=explicit or not on_executors)
+    holdout = _Split(train, test, n_users, n_items, partitions_for(
+        n_users, int(cfg.get_path("batch.customers_per_partition"))) if on_executors else None)
     metrics = _evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
                                 max_knn_items=int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
     if chosen != base and metric not in LOWER_IS_BETTER:
-        _add_plain_als(metrics, fit_als(train, base, n_users, n_items), holdout, k)
+        _add_plain_als(metrics, fit_als(train, base, n_users, n_items, collect_users=not on_executors), holdout, k)
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
@@ -252,66 +263,123 @@ def run(cfg: Config, spark=None) -> BatchResult:
                             else "configuration (no cross-validation)"}
 
     final_mode = str(cfg.get_path("batch.final_fit", "refit"))
-    all_pairs = PairArrays.collect(indexed, n_users)
+    if final_mode == "refit" and selected.model_type in PARAMETER_FREE:
+        # Its lists do not use the factors; the artifact keeps the holdout fit's for ALS-only readers.
+        log.info("final fit skipped: the selected %s does not score with the ALS factors; the model keeps "
+                 "the holdout fit's item factors, every customer folded in", selected.name)
+        final_mode = "fold_in"
+    all_pairs = None if on_executors else PairArrays.collect(indexed, n_users)
     if final_mode == "refit":
         stages.start("final fit on all data")
-        final = fit_als(indexed, chosen, n_users, n_items)
+        final = fit_als(indexed, chosen, n_users, n_items, collect_users=not on_executors)
     elif final_mode == "fold_in":
         stages.start("final model: every customer folded into the holdout fit")
-        final = _folded_final(holdout_factors, all_pairs)
+        # On the executors each task folds its customers in (per_customer.py).
+        final = replace(holdout_factors, user_factors_df=None) if on_executors else \
+            _folded_final(holdout_factors, all_pairs)
     else:
         raise ValueError(f"batch.final_fit {final_mode!r}: use 'refit' (a second ALS fit on all data) or "
                          "'fold_in' (every customer's full history folded into the holdout fit's item factors)")
 
     stages.start(f"top-{k} for every customer")
     popularity = item_popularity(indexed, n_items)
-    customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
-    segments = _segment_popularity(spark, cfg, maps, all_pairs, n_users, n_items)
-    artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
-                         stats, metrics, selected, {"count_mode": source_count_mode, **recency, **segments})
-    artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
-    item_idx, scores, strategies = _recommend_all(spark, cfg, final, artifact, all_pairs, exclude, k)
-
-    stages.start("write recommendations")
+    segments = _segment_popularity(spark, cfg, maps, indexed)
+    params = {"count_mode": source_count_mode, **recency, **segments}
     # Each run writes into its own version folder; the top-level files are the published model's.
     output_dir = _output_dir(cfg)
-    run_dir = output_dir / "versions" / artifact.version
-    run_dir.mkdir(parents=True, exist_ok=True)
-    again_idx, again_scores = _buy_again_all(artifact, all_pairs, k)
-    written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores, again_idx, again_scores)
+    if on_executors:
+        artifact = _artifact(chosen, _item_side(final), np.zeros(0, dtype=str), product_ids, popularity.buyers,
+                             PairArrays.empty(), cutoff, stats, metrics, selected, params)
+        artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
+        if artifact.model_type == "item_knn":       # its similarity, from every customer's counts on Spark
+            seed_item_similarity(artifact, indexed, n_items)
+        run_dir = output_dir / "versions" / artifact.version
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stages.start("top-10 and the model's user side on the executors")
+        outputs = run_on_executors(spark, cfg, indexed, maps, artifact, final.user_factors_df, k, exclude, run_dir)
+        written, user_parts = outputs.written, outputs.user_parts
+    else:
+        customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
+        artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
+                             stats, metrics, selected, params)
+        artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
+        item_idx, scores, strategies = _recommend_all(artifact, all_pairs, exclude, k, final)
+        stages.start("write recommendations")
+        run_dir = output_dir / "versions" / artifact.version
+        run_dir.mkdir(parents=True, exist_ok=True)
+        again_idx, again_scores = _buy_again_all(artifact, all_pairs, k)
+        written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores, again_idx,
+                                         again_scores)
+        user_parts = None
+        _log_example(customer_ids, product_ids, item_idx, scores)
     log.info("recommendations written for %s customers to %s", f"{written:,}", run_dir)
-    _log_example(customer_ids, product_ids, item_idx, scores)
 
     stages.start("publish")
     result = BatchResult(version=artifact.version, published=False, params=chosen,
                          model_type=artifact.model_type, metrics=metrics,
                          stats=stats, output_dir=output_dir, recommendations_written=written)
-    published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude)
+    published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude, user_parts)
     result.published, result.gate_reason = published, reason
     if published and (cfg.get_path("batch.write_table", False) or cfg.get_path("batch.write_topic", False)):
-        _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, strategies, indexed,
-                     (again_idx, again_scores))
+        stages.start("sinks")
+        if on_executors:
+            write_sinks(spark, cfg, outputs)
+        else:
+            _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, strategies, indexed,
+                         (again_idx, again_scores))
     stages.stop()
     result.stage_seconds = stages.seconds
     (run_dir / "run_summary.json").write_text(json.dumps(
         {"version": artifact.version, "published": published, "gate": reason, "model_type": artifact.model_type,
-         "params": artifact.params,
+         "params": artifact.params, "per_customer_work": "executors" if on_executors else "driver",
          "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
-    report = write_report(run_dir, all_pairs.indptr, all_pairs.indices, all_pairs.counts, item_idx, popularity.buyers)
-    if report is not None:
-        log.info("training report: %s", report)
+    if on_executors:
+        log.info("training report: not written on the executor path (it reads every customer's counts on the driver)")
+        outputs.scored.unpersist()
+    else:
+        report = write_report(run_dir, all_pairs.indptr, all_pairs.indices, all_pairs.counts, item_idx,
+                              popularity.buyers)
+        if report is not None:
+            log.info("training report: %s", report)
     if published:
         for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json", "report.html"):
-            if not (run_dir / name).exists():        # the report is best-effort: never fails the run
-                continue
-            shutil.copyfile(run_dir / name, output_dir / f".{name}.tmp")
-            os.replace(output_dir / f".{name}.tmp", output_dir / name)
+            if (run_dir / name).exists():        # the report is best-effort: never fails the run
+                _replace_published(run_dir / name, output_dir / name)
     for table in (events, pairs, indexed, train, test):
         table.unpersist()
     if not published and cfg.get_path("batch.publish.enabled", True):
         raise PublishRefused(reason)
     return result
+
+
+def _replace_published(source: Path, target: Path) -> None:
+    """Copy a file or a folder of part files over the published one: a file in one rename; a folder
+    in two (the old one moved aside first), so a reader sees the old or the new, or briefly none."""
+    staging, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    for leftover in (staging, old):
+        _remove(leftover)
+    if source.is_dir():
+        shutil.copytree(source, staging)
+    else:
+        shutil.copyfile(source, staging)
+    if target.is_dir():
+        os.replace(target, old)
+    os.replace(staging, target)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _item_side(factors: Factors) -> Factors:
+    """The factors without any user row: the executor path never gathers them."""
+    return replace(factors, user_factors=np.zeros((0, factors.item_factors.shape[1]), dtype=np.float32),
+                   user_factors_df=None)
 
 
 def metric_for_gate(cfg: Config, base: AlsParams) -> str:
@@ -400,15 +468,20 @@ def _rmse(factors: Factors, pairs) -> float:
 
 
 class _Split:
-    """A train/test split as the driver needs it to score candidates: the training counts, their
-    popularity and the relevant sets, each a Spark collect done once however many candidates and
-    fits are scored on the split."""
+    """A train/test split as candidates are scored on it. On the driver path: the training counts,
+    their popularity and the relevant sets, each a Spark collect done once however many candidates
+    and fits are scored on the split. With ``partitions`` (the executor path, executor_eval.py):
+    only the popularity; the customers stay on the executors, which return sums."""
 
-    def __init__(self, train, test, n_users: int, n_items: int):
-        self.train, self.test, self.n_items = train, test, n_items
-        self.purchased = PairArrays.collect(train, n_users)
+    def __init__(self, train, test, n_users: int, n_items: int, partitions: int | None = None):
+        self.train, self.test, self.n_items, self.partitions = train, test, n_items, partitions
+        self.purchased = PairArrays.empty() if partitions else PairArrays.collect(train, n_users)
         self.popularity = item_popularity(train, n_items)
         self._relevant: dict[bool, tuple] = {}
+
+    @property
+    def on_executors(self) -> bool:
+        return self.partitions is not None
 
     def relevant(self, exclude: bool) -> tuple:
         """``(users, relevant sets)`` of the test part; held-out purchases of new products only
@@ -419,7 +492,7 @@ class _Split:
         return self._relevant[exclude]
 
     def artifact(self, factors: Factors):
-        """A throw-away artifact over the split's training counts and the given fit."""
+        """A throw-away artifact over the split's training counts (none on the executor path) and the fit."""
         return scoring_artifact(factors.item_factors, self.purchased.indptr, self.purchased.indices,
                                 self.purchased.counts, self.popularity.buyers.astype(np.float64),
                                 factors.params.as_dict())
@@ -428,6 +501,9 @@ class _Split:
 def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
                      candidates: list[Candidate]) -> dict[str, dict]:
     """Every candidate's metrics on one split, all scored from the same training counts and fit."""
+    if split.on_executors:
+        return candidate_table_on_executors(split.train, split.test, split.artifact(factors), candidates, k, exclude,
+                                            split.popularity, factors.item_factors, split.partitions)
     users, relevant = split.relevant(exclude)
     lists = recommend_candidates(split.artifact(factors), candidates, users, k, exclude)
     return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
@@ -478,6 +554,12 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
 
     from models.scorers import buy_again, user_vectors
 
+    if split.on_executors:
+        table = buy_again_table_on_executors(split.train, split.test, split.artifact(factors), k, selected,
+                                             split.popularity, split.partitions)
+        if table:
+            log.info("buy-again lists on the held-out repurchases:\n%s", format_metrics_table(table))
+        return table
     repurchases = split.test.where(F.col("repurchase"))
     users = evaluation_users(repurchases, False)
     if users.size == 0:
@@ -496,52 +578,23 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
     return table
 
 
-def _recommend_all(spark, cfg: Config, factors: Factors, artifact, all_pairs: PairArrays, exclude_purchased: bool,
-                   k: int):
-    """Top-k for every customer: ``(item_idx, scores, strategies)``.
+def _recommend_all(artifact, all_pairs: PairArrays, exclude_purchased: bool, k: int, factors: Factors):
+    """Top-k for every customer on the driver: ``(item_idx, scores, strategies)``.
 
-    ALS lists come from the exported factors (blocked products, not recommendForAllUsers);
-    ``batch.topk_engine``: ``driver`` (numpy on the driver; fastest while the factors fit there) or
-    ``spark`` (the same scoring in a pandas UDF over distributed user factors, for large user bases).
-    The other model types are scored by models.scorers from the counts, as the stream scores them.
+    ALS lists come from the final fit's factors (blocked products, not recommendForAllUsers);
+    the other model types are scored by models.scorers from the counts, as the stream scores them.
+    The executor path (per_customer.py) gives the same lists.
     """
     from models.scorers import recommend_from_counts
+    from models.scoring import top_k
 
     if artifact.model_type != "als":
         return recommend_from_counts(artifact, all_pairs.indptr, all_pairs.indices, all_pairs.counts, k,
                                      exclude_purchased)
-    item_idx, scores = _als_top_k(spark, cfg, factors, all_pairs if exclude_purchased else None, k)
+    users = np.arange(factors.user_factors.shape[0])
+    item_idx, scores = top_k(factors.user_factors, factors.item_factors, k,
+                             exclude=all_pairs.rows(users) if exclude_purchased else None)
     return item_idx, scores, ["personalized"] * len(item_idx)
-
-
-def _als_top_k(spark, cfg: Config, factors: Factors, exclude: PairArrays | None, k: int):
-    from models.scoring import top_k
-
-    n_users = factors.user_factors.shape[0]
-    engine = str(cfg.get_path("batch.topk_engine", "driver"))
-    if engine == "driver":
-        users = np.arange(n_users)
-        return top_k(factors.user_factors, factors.item_factors, k,
-                     exclude=exclude.rows(users) if exclude is not None else None)
-    if engine != "spark":
-        raise ValueError(f"batch.topk_engine {engine!r}: use 'driver' or 'spark'")
-    import pandas as pd
-
-    from batch_training.recommend import recommend_for_all
-
-    user_df = spark.createDataFrame(pd.DataFrame({"id": np.arange(n_users, dtype=np.int32),
-                                                  "features": list(factors.user_factors.astype(float))}))
-    exclude_df = None
-    if exclude is not None:
-        users = np.repeat(np.arange(n_users, dtype=np.int32), np.diff(exclude.indptr))
-        exclude_df = spark.createDataFrame(pd.DataFrame({"user": users, "item": exclude.indices.astype(np.int32)}))
-    rows = recommend_for_all(spark, user_df, factors.item_factors, k, exclude_df).toPandas()
-    item_idx = np.full((n_users, k), -1, dtype=np.int32)
-    scores = np.full((n_users, k), np.nan, dtype=np.float32)
-    for user, recs in zip(rows["user"].to_numpy(), rows["recommendations"]):
-        item_idx[user, :len(recs)] = [r["item"] for r in recs]
-        scores[user, :len(recs)] = [r["rating"] for r in recs]
-    return item_idx, scores
 
 
 def _ordered_ids(frame, id_column: str, index_column: str, size: int) -> np.ndarray:
@@ -557,16 +610,16 @@ def _output_dir(cfg: Config) -> Path:
     return path
 
 
-def _segment_popularity(spark, cfg: Config, maps, pairs: PairArrays, n_users: int, n_items: int) -> dict:
+def _segment_popularity(spark, cfg: Config, maps, indexed, top_n: int = 100) -> dict:
     """``params`` entries with each segment's best sellers (``data.columns.segment``, e.g. a country),
     for customers who have no known purchase yet; {} without a segment column. A customer's segment
-    is the one most of their rows carry (ties by name)."""
+    is the one most of their rows carry (ties by name). Aggregated by Spark, so only the table
+    (segments x ``top_n``) reaches the driver; the same table as models.scorers.segment_popularity."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from batch_training.data import ColumnMapping, _id_text
     from batch_training.datasets import load_source
-    from models.scorers import segment_popularity
 
     data_cfg = cfg.get_path("data")
     mapping = ColumnMapping.from_config(data_cfg.get("columns") or {})
@@ -575,13 +628,17 @@ def _segment_popularity(spark, cfg: Config, maps, pairs: PairArrays, n_users: in
     raw = load_source(spark, data_cfg, source_placeholders(cfg))
     rows = (raw.select(_id_text(mapping.customer_id, dict(raw.dtypes)[mapping.customer_id]).alias("customer_id"),
                        F.col(mapping.segment).cast("string").alias("segment"))
-            .where(F.col("segment").isNotNull()).groupBy("customer_id", "segment").count())
+            .where(F.col("segment").isNotNull() & (F.col("segment") != "")).groupBy("customer_id", "segment").count())
     best = Window.partitionBy("customer_id").orderBy(F.desc("count"), "segment")
-    per_customer = (rows.withColumn("_rank", F.row_number().over(best)).where("_rank = 1")
-                    .join(maps.customers, "customer_id").select("user", "segment").toPandas())
-    user_segments = np.full(n_users, None, dtype=object)
-    user_segments[per_customer["user"].to_numpy()] = per_customer["segment"].to_numpy()
-    table = segment_popularity(user_segments, pairs.indptr, pairs.indices, n_items)
+    user_segment = (rows.withColumn("_rank", F.row_number().over(best)).where("_rank = 1")
+                    .join(maps.customers, "customer_id").select("user", "segment"))
+    buyers = (indexed.select("user", "item").join(user_segment, "user").groupBy("segment", "item")
+              .agg(F.count("*").cast("double").alias("buyers")))
+    order = Window.partitionBy("segment").orderBy(F.desc("buyers"), "item")
+    top = (buyers.withColumn("_rank", F.row_number().over(order)).where(F.col("_rank") <= top_n)
+           .orderBy("segment", "_rank").toPandas())
+    table = {str(name): {"items": group["item"].astype(int).tolist(), "buyers": group["buyers"].tolist()}
+             for name, group in top.groupby("segment", sort=True)}
     log.info("segment popularity (%s): %d segments", mapping.segment, len(table))
     return {"segment_column": mapping.segment, "segment_popularity": table}
 
@@ -691,6 +748,7 @@ def build_lineage(cfg: Config, stats: dict, params: dict) -> dict:
         parent = None
     config_json = json.dumps(_jsonable(redacted(dict(cfg))), sort_keys=True, default=str)
     return {"source": {"kind": data_cfg.get("kind") or "files", "path": path, "format": data_cfg.get("format"),
+                       **_source_files(path),
                        "raw_rows": _jsonable(stats.get("raw_rows")), "clean_rows": _jsonable(stats.get("clean_rows"))},
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
             "params": _jsonable(params),
@@ -698,12 +756,29 @@ def build_lineage(cfg: Config, stats: dict, params: dict) -> dict:
             "trained_at": utc_now_iso(), "parent_version": parent}
 
 
-def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool) -> tuple[bool, str]:
-    """The publish gate: beat popularity by a margin and do not fall behind the current model."""
+def _source_files(path: str | None) -> dict:
+    """Size and newest modification time of a local source (a file, or every file of a folder), so
+    lineage tells whether the data changed since; {} for URIs (s3a://...) and missing paths."""
+    if not path or "://" in str(path) or not Path(path).exists():
+        return {}
+    root = Path(path)
+    files = [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))]
+    if not files:
+        return {}
+    stats = [f.stat() for f in files]
+    newest = datetime.fromtimestamp(max(st.st_mtime for st in stats), timezone.utc)
+    return {"files": len(files), "bytes": sum(st.st_size for st in stats),
+            "modified": newest.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
+
+
+def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool,
+             user_parts: list[dict] | None = None) -> tuple[bool, str]:
+    """The publish gate: beat popularity by a margin and do not fall behind the current model.
+    ``user_parts``: the user side's parts the executors wrote (per_customer.py), or None."""
     from models.store import ModelStore
 
     store = ModelStore.from_config(cfg)
-    store.write(artifact)
+    store.write(artifact, user_parts=user_parts)
     ok, reason = gate_decision(cfg, metrics, metric, exclude, _current_metrics(store))
     if not cfg.get_path("batch.publish.enabled", True):
         # The verdict anyway: whoever promotes this version later wants to know what the gate says.

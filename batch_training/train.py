@@ -47,6 +47,9 @@ class Factors:
     item_factors: np.ndarray
     params: AlsParams
     fit_seconds: float
+    # The fit's user factors as ALS keeps them, distributed (columns id, features); with
+    # ``fit_als(..., collect_users=False)`` user_factors is then empty, never gathered.
+    user_factors_df: Any = field(default=None, repr=False)
 
 
 def params_grid(base: AlsParams, grid: dict[str, Iterable[Any]] | None) -> list[AlsParams]:
@@ -72,8 +75,9 @@ def with_ratings(pairs, scaling: str):
     raise ValueError(f"unknown count scaling {scaling!r}: use 'none' or 'log'")
 
 
-def fit_als(pairs, params: AlsParams, n_users: int, n_items: int) -> Factors:
-    """Fit ALS on pairs (user, item, count) and export dense factor matrices."""
+def fit_als(pairs, params: AlsParams, n_users: int, n_items: int, collect_users: bool = True) -> Factors:
+    """Fit ALS on pairs (user, item, count) and export dense factor matrices; the user factors
+    stay distributed (``Factors.user_factors_df``) unless ``collect_users``."""
     from pyspark.ml.recommendation import ALS
 
     started = time.perf_counter()
@@ -82,9 +86,10 @@ def fit_als(pairs, params: AlsParams, n_users: int, n_items: int) -> Factors:
               numUserBlocks=params.blocks, numItemBlocks=params.blocks, checkpointInterval=5,
               userCol="user", itemCol="item", ratingCol="rating", coldStartStrategy="drop")
     model = als.fit(with_ratings(pairs.select("user", "item", "count"), params.scaling))
-    factors = Factors(user_factors=_dense(model.userFactors, n_users, params.rank),
-                      item_factors=_dense(model.itemFactors, n_items, params.rank),
-                      params=params, fit_seconds=time.perf_counter() - started)
+    users = _dense(model.userFactors, n_users, params.rank) if collect_users else \
+        np.zeros((0, params.rank), dtype=np.float32)
+    factors = Factors(user_factors=users, item_factors=_dense(model.itemFactors, n_items, params.rank),
+                      params=params, fit_seconds=time.perf_counter() - started, user_factors_df=model.userFactors)
     log.info("ALS %s fitted in %.1f s", params.label(), factors.fit_seconds)
     return factors
 
@@ -112,6 +117,11 @@ class PairArrays:
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.add.at(indptr, users + 1, 1)
         return cls(np.cumsum(indptr), frame["item"].to_numpy(np.int32), frame["count"].to_numpy(np.float32))
+
+    @classmethod
+    def empty(cls) -> "PairArrays":
+        """No customer at all (the item side of a model whose users the executors hold)."""
+        return cls(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
 
     def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The CSR (indptr, indices) restricted to ``users``, in their order."""

@@ -232,6 +232,12 @@ def item_cosine(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.nda
         end = min(n_users, begin + block)
         dense = _dense_rows(indptr, indices, begin, end, n_items)
         co += dense.T @ dense
+    return cosine_of_cooccurrence(co)
+
+
+def cosine_of_cooccurrence(co: np.ndarray) -> np.ndarray:
+    """Cosine similarity (zero diagonal) from the co-occurrence counts ``X^T X`` (float32), wherever
+    they were counted (``item_cosine`` here, or Spark over customers the driver never holds)."""
     norms = np.sqrt(np.diag(co).astype(np.float64))
     inverse = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
     similarity = co * inverse[:, None] * inverse[None, :]

@@ -65,6 +65,26 @@ def test_a_published_als_model_writes_what_its_artifact_scores(spark, cfg, tmp_p
     assert_written_lists_are_the_artifacts(pd.read_parquet(tmp_path / "out" / "recommendations.parquet"), artifact)
 
 
+def test_a_parameter_free_winner_costs_no_final_als_fit(spark, cfg, tmp_path, sample, caplog):
+    """Popularity (or item-kNN) scores without the ALS factors: the job fits ALS once, for the
+    holdout evaluation, and the model keeps that fit's item factors with every customer folded in."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    job_cfg = cfg.with_overrides({"data.path": str(sample), "batch.output_dir": str(tmp_path / "out"),
+                                  "model_store.uri": str(tmp_path / "models"), "batch.cv_folds": 0,
+                                  "batch.scorers.candidates": ["popularity"], "batch.als.rank": 8,
+                                  "batch.als.max_iter": 5})
+    result = run(job_cfg, spark=spark)
+    assert result.model_type == "popularity"
+    assert caplog.text.count("fitted in") == 1 and "final fit skipped" in caplog.text
+    assert "== final fit on all data" not in caplog.text
+    artifact = ModelStore.from_config(job_cfg).load(result.version)
+    assert artifact.user_factors.shape == (artifact.n_users, 8) and np.abs(artifact.user_factors).sum() > 0
+    assert_written_lists_are_the_artifacts(pd.read_parquet(tmp_path / "out" / "versions" / result.version /
+                                                           "recommendations.parquet"), artifact)
+
+
 def assert_written_lists_are_the_artifacts(recs: pd.DataFrame, artifact) -> None:
     """Every customer's written list is what the one scoring function (the stream's) gives from the
     published artifact and its purchase counts: the same products in the same order, the same scores
@@ -82,6 +102,7 @@ def test_segment_popularity_comes_from_the_segment_column(spark, cfg, tmp_path):
     from batch_training.datasets import load_events
     from batch_training.job import _segment_popularity
     from batch_training.train import PairArrays
+    from models.scorers import segment_popularity
 
     rows = [("c1", "apple", "FR"), ("c2", "apple", "FR"), ("c2", "pear", "FR"), ("c3", "kiwi", "UK"),
             ("c4", "kiwi", "UK"), ("c4", "apple", "UK"), ("c5", "pear", "UK"), ("c5", "pear", "FR"),
@@ -95,11 +116,16 @@ def test_segment_popularity_comes_from_the_segment_column(spark, cfg, tmp_path):
     job_cfg = cfg.with_overrides({"data": data})
     events, _ = load_events(spark, data)
     indexed, maps = index_ids(aggregate(events))
-    pairs = PairArrays.collect(indexed, maps.n_users)
-    params = _segment_popularity(spark, job_cfg, maps, pairs, maps.n_users, maps.n_items)
+    params = _segment_popularity(spark, job_cfg, maps, indexed)
     products = maps.products.toPandas().set_index("item")["product_id"]
     named = {seg: [products[i] for i in table["items"]] for seg, table in params["segment_popularity"].items()}
     # c5 is in UK (two UK rows to one FR); buyers per segment, ties by item index.
     assert named["FR"] == ["apple", "pear"] and params["segment_popularity"]["FR"]["buyers"] == [2.0, 1.0]
     assert named["UK"][0] == "kiwi" and set(named["UK"]) == {"kiwi", "apple", "pear", "plum"}
     assert params["segment_column"] == "country"
+    # Spark's aggregation gives the table the scorers' own function gives from the gathered counts.
+    pairs = PairArrays.collect(indexed, maps.n_users)
+    by_user = maps.customers.toPandas().set_index("user")["customer_id"]
+    home = {"c1": "FR", "c2": "FR", "c3": "UK", "c4": "UK", "c5": "UK"}
+    assert params["segment_popularity"] == segment_popularity([home[by_user[u]] for u in range(maps.n_users)],
+                                                              pairs.indptr, pairs.indices, maps.n_items)

@@ -145,7 +145,8 @@ def _check_sinks(cfg, expect_messages: int) -> tuple[list[dict], dict[str, dict]
 
 
 @pytest.mark.e2e
-def test_the_batch_jobs_records_meet_the_contract_on_topic_and_table(own_cfg, spark, tmp_path):
+@pytest.mark.parametrize("engine", ["driver", "spark"])     # spark: the tasks write the table, Spark's sink the topic
+def test_the_batch_jobs_records_meet_the_contract_on_topic_and_table(own_cfg, spark, tmp_path, engine):
     from batch_training.generate import write
     from batch_training.job import run
     from tools.refill import batch_records
@@ -156,7 +157,8 @@ def test_the_batch_jobs_records_meet_the_contract_on_topic_and_table(own_cfg, sp
         "model_store.uri": str(tmp_path / "models"), "batch.cv_folds": 0, "batch.als.rank": 8,
         "batch.als.max_iter": 5, "batch.als.blocks": 2, "batch.final_fit": "fold_in",
         "batch.scorers.candidates": ["als"], "batch.write_table": True, "batch.write_topic": True,
-        "batch.publish.min_lift_over_popularity": -1.0})      # the gate is not under test: always publish
+        "batch.publish.min_lift_over_popularity": -1.0,       # the gate is not under test: always publish
+        "batch.topk_engine": engine})
     result = run(job_cfg, spark=spark)
     assert result.published and result.recommendations_written > 50
 

@@ -1,0 +1,146 @@
+"""The batch job's per-customer work on the executors gives what the driver path gives: the same
+lists for every model type, the same user side of the model in the store, and the same job
+outputs (files, table, topic) end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batch_training.candidates import Candidate
+from batch_training.data import aggregate, index_ids
+from batch_training.datasets import load_events
+from batch_training.generate import write
+from batch_training.job import (_artifact, _buy_again_all, _item_side, _ordered_ids, _recommend_all, run)
+from batch_training.evaluation import item_popularity
+from batch_training.per_customer import partitions_for, run_on_executors, seed_item_similarity, use_executors
+from batch_training.train import AlsParams, PairArrays, fit_als
+from models.store import ModelStore
+
+pytestmark = [pytest.mark.integration]
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def prepared(spark, cfg, tmp_path_factory):
+    """A small generated sample, indexed, with one ALS fit whose user factors are both gathered
+    (for the driver path) and distributed (for the executors)."""
+    folder = tmp_path_factory.mktemp("per_customer")
+    write(folder, factor=0.05, seed=11, fmt="csv")
+    data = {**cfg.get_path("data"), "path": str(folder / "transactions.csv")}
+    events, _ = load_events(spark, data)
+    indexed, maps = index_ids(aggregate(events).cache())
+    indexed = indexed.cache()
+    params = AlsParams(rank=8, max_iter=4, reg_param=0.1, alpha=1.0, seed=3, blocks=2)
+    factors = fit_als(indexed, params, maps.n_users, maps.n_items)
+    all_pairs = PairArrays.collect(indexed, maps.n_users)
+    return {"indexed": indexed, "maps": maps, "factors": factors, "pairs": all_pairs, "params": params,
+            "buyers": item_popularity(indexed, maps.n_items).buyers,
+            "customer_ids": _ordered_ids(maps.customers, "customer_id", "user", maps.n_users),
+            "product_ids": _ordered_ids(maps.products, "product_id", "item", maps.n_items)}
+
+
+def _driver_lists(p, candidate: Candidate, exclude: bool, factors) -> tuple[pd.DataFrame, object]:
+    artifact = _artifact(p["params"], factors, p["customer_ids"], p["product_ids"], p["buyers"], p["pairs"], None,
+                         {}, {}, candidate, {})
+    item_idx, scores, strategies = _recommend_all(artifact, p["pairs"], exclude, K, factors)
+    again_idx, again_scores = _buy_again_all(artifact, p["pairs"], K)
+    ids = p["product_ids"]
+    frame = pd.DataFrame({
+        "customer_id": p["customer_ids"],
+        "recommendations": [[ids[i] for i in row if i >= 0] for row in item_idx],
+        "scores": [[float(s) for s, i in zip(srow, row) if i >= 0] for srow, row in zip(scores, item_idx)],
+        "buy_again": [[ids[i] for i in row if i >= 0] for row in again_idx],
+        "buy_again_scores": [[float(s) for s, i in zip(srow, row) if i >= 0]
+                             for srow, row in zip(again_scores, again_idx)],
+        "strategy": strategies})
+    return frame.set_index("customer_id").sort_index(), artifact
+
+
+def _executor_run(spark, cfg, tmp_path, p, candidate: Candidate, exclude: bool, factors, user_factors_df):
+    job_cfg = cfg.with_overrides({"model_store.uri": str(tmp_path / "models"), "batch.customers_per_partition": 60})
+    item_side = _artifact(p["params"], _item_side(factors), np.zeros(0, dtype=str), p["product_ids"], p["buyers"],
+                          PairArrays.empty(), None, {}, {}, candidate, {})
+    if candidate.model_type == "item_knn":
+        seed_item_similarity(item_side, p["indexed"], p["maps"].n_items)
+    outputs = run_on_executors(spark, job_cfg, p["indexed"], p["maps"], item_side, user_factors_df, K, exclude,
+                               tmp_path)
+    scored = outputs.scored.toPandas().set_index("customer_id").sort_index()
+    return scored, outputs, item_side, job_cfg
+
+
+def _assert_same_lists(driver: pd.DataFrame, executors: pd.DataFrame) -> None:
+    assert list(executors.index) == list(driver.index)
+    for column in ("recommendations", "buy_again"):
+        assert [list(v) for v in executors[column]] == [list(v) for v in driver[column]], column
+    for column in ("scores", "buy_again_scores"):
+        for got, want in zip(executors[column], driver[column]):
+            np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float), rtol=1e-5,
+                                       atol=1e-6)
+    assert list(executors["strategy"]) == list(driver["strategy"])
+
+
+@pytest.mark.parametrize("candidate, exclude", [(Candidate("als"), True), (Candidate("als"), False),
+                                                (Candidate("blend", 0.5), True), (Candidate("popularity"), True),
+                                                (Candidate("item_knn"), True)],
+                         ids=["als", "als-include-purchased", "blend", "popularity", "item_knn"])
+def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepared, candidate, exclude):
+    p = prepared
+    driver, _ = _driver_lists(p, candidate, exclude, p["factors"])
+    executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, candidate, exclude, p["factors"],
+                                             p["factors"].user_factors_df)
+    _assert_same_lists(driver, executors)
+    assert outputs.written == p["maps"].n_users
+    # Several tasks did the work: the sample's customers in partitions of at most 60.
+    assert len(outputs.user_parts) == partitions_for(p["maps"].n_users, 60) > 1
+    outputs.scored.unpersist()
+
+
+def test_fold_in_on_the_executors_is_the_drivers_fold_in(spark, cfg, tmp_path, prepared):
+    from batch_training.job import _folded_final
+
+    p = prepared
+    folded = _folded_final(p["factors"], p["pairs"])
+    driver, _ = _driver_lists(p, Candidate("als"), True, folded)
+    executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, Candidate("als"), True, p["factors"], None)
+    _assert_same_lists(driver, executors)
+    outputs.scored.unpersist()
+
+
+def test_the_stored_user_side_is_the_drivers_and_the_files_are_readable(spark, cfg, tmp_path, prepared):
+    p = prepared
+    driver_lists, driver_artifact = _driver_lists(p, Candidate("als"), True, p["factors"])
+    _, outputs, item_side, job_cfg = _executor_run(spark, cfg, tmp_path, p, Candidate("als"), True, p["factors"],
+                                                   p["factors"].user_factors_df)
+    store = ModelStore.from_config(job_cfg)
+    store.write(item_side, user_parts=outputs.user_parts)
+    store.set_current(item_side.version)
+    loaded = store.load()
+    assert sorted(loaded.user_ids) == sorted(driver_artifact.user_ids)
+    order = driver_artifact.user_index(loaded.user_ids)
+    indptr, indices, counts = loaded.user_items
+    want_indptr, want_indices, want_counts = driver_artifact.user_items_of(order)
+    np.testing.assert_array_equal(indptr, want_indptr)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(counts, want_counts)
+    np.testing.assert_allclose(loaded.user_factors, driver_artifact.user_factors[order], rtol=1e-6)
+    np.testing.assert_array_equal(loaded.item_factors, driver_artifact.item_factors)
+    # The files: folders of part files that pandas reads as one table each, with the driver's columns.
+    parquet = pd.read_parquet(tmp_path / "recommendations.parquet").set_index("customer_id").sort_index()
+    assert [list(v) for v in parquet["recommendations"]] == [list(v) for v in driver_lists["recommendations"]]
+    csv = pd.concat(pd.read_csv(f, dtype=str) for f in sorted((tmp_path / "recommendations.csv").glob("*.csv")))
+    assert list(csv.columns) == ["customer_id", "recommendations", "scores"] and len(csv) == len(driver_lists)
+    first = csv.set_index("customer_id").loc[driver_lists.index[0]]
+    assert first["recommendations"].split(" ") == list(driver_lists["recommendations"].iloc[0])
+    assert [float(s) for s in first["scores"].split(" ")] == pytest.approx(driver_lists["scores"].iloc[0], abs=1e-6)
+    outputs.scored.unpersist()
+
+
+def test_auto_takes_the_executors_from_the_configured_size(cfg):
+    auto = cfg.with_overrides({"batch.topk_engine": "auto", "batch.executor_min_customers": 1000})
+    assert not use_executors(auto, 999) and use_executors(auto, 1000)
+    assert use_executors(cfg.with_overrides({"batch.topk_engine": "spark"}), 1)
+    assert not use_executors(cfg.with_overrides({"batch.topk_engine": "driver"}), 10 ** 9)
