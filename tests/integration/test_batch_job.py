@@ -53,6 +53,11 @@ def test_the_job_logs_like_the_original_and_publishes_a_usable_model(spark, cfg,
     # When CV moved away from the configured parameters, ALS at those is reported beside the model.
     from batch_training.job import als_params_from_config
     assert ("plain_als" in excluded) == (result.params != als_params_from_config(job_cfg))
+    # Its lineage names the very file it read (size and time) and the rows, the code and the config.
+    source = artifact.lineage["source"]
+    assert source["path"] == str(sample) and source["bytes"] == sample.stat().st_size and source["files"] == 1
+    assert source["raw_rows"] == raw_rows and source["clean_rows"] == result.stats["clean_rows"]
+    assert artifact.lineage["params"]["rank"] == 16 and len(artifact.lineage["config_sha256"]) == 64
 
     recs = pd.read_parquet(tmp_path / "out" / "recommendations.parquet")
     assert len(recs) == artifact.n_users == result.recommendations_written
