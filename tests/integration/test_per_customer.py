@@ -128,6 +128,14 @@ def test_the_stored_user_side_is_the_drivers_and_the_files_are_readable(spark, c
     np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_allclose(loaded.user_factors, driver_artifact.user_factors[order], rtol=1e-6)
     np.testing.assert_array_equal(loaded.item_factors, driver_artifact.item_factors)
+    # The stream scores a customer without new purchases from the loaded parts: the batch's list.
+    from models.scorers import recommend_from_counts
+
+    stream_idx, _, _ = recommend_from_counts(loaded, *loaded.user_items, K, True)
+    written = outputs.scored.toPandas().set_index("customer_id")
+    for row, customer in enumerate(loaded.user_ids[:50]):
+        assert list(loaded.item_ids[stream_idx[row][stream_idx[row] >= 0]]) == list(written.loc[customer,
+                                                                                                "recommendations"])
     # The files: folders of part files that pandas reads as one table each, with the driver's columns.
     parquet = pd.read_parquet(tmp_path / "recommendations.parquet").set_index("customer_id").sort_index()
     assert [list(v) for v in parquet["recommendations"]] == [list(v) for v in driver_lists["recommendations"]]
