@@ -140,8 +140,10 @@ def check_settings(cfg: Config) -> AlsParams:
         if cfg.get_path(key, default_metric) in LOWER_IS_BETTER and base.implicit_prefs:
             raise ConfigError(f"{key} rmse needs explicit ratings (batch.als.implicit_prefs: false, or --mode explicit)")
     for key, least in (("batch.k", 1), ("batch.cv_folds", 0), ("batch.executor_min_customers", 0),
-                       ("batch.customers_per_partition", 1)):
+                       ("batch.customers_per_partition", 1), ("batch.holdout.max_evaluated_customers", 1)):
         value = cfg.get_path(key, least)
+        if value is None and key == "batch.holdout.max_evaluated_customers":
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{key} {value!r}: use a whole number >= {least}")
     from streaming.settings import duration_ms
@@ -249,7 +251,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     stages.start("evaluation on the holdout")
     explicit = not base.implicit_prefs    # its RMSE needs the user factors on the driver
     holdout_factors = fit_als(train, chosen, n_users, n_items, collect_users=explicit or not on_executors)
-    holdout = _Split(train, test, n_users, n_items, partitions_for(
+    evaluated = _evaluation_sample(test, n_users, cfg.get_path("batch.holdout.max_evaluated_customers"))
+    holdout = _Split(train, evaluated, n_users, n_items, partitions_for(
         n_users, int(cfg.get_path("batch.customers_per_partition"))) if on_executors else None)
     metrics = _evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
                                 max_knn_items=int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
@@ -351,6 +354,19 @@ def run(cfg: Config, spark=None) -> BatchResult:
     if not published and cfg.get_path("batch.publish.enabled", True):
         raise PublishRefused(reason)
     return result
+
+
+def _evaluation_sample(test, n_users: int, most: int | None):
+    """The held-out pairs of about ``most`` customers, a fixed hash sample (the same customers in
+    every run), or all of them when there are no more (``batch.holdout.max_evaluated_customers``)."""
+    from pyspark.sql import functions as F
+
+    if most is None or n_users <= most:
+        return test
+    per_million = max(1, int(1_000_000 * most / n_users))
+    log.info("holdout metrics on a hash sample of about %s of the %s customers "
+             "(batch.holdout.max_evaluated_customers)", f"{most:,}", f"{n_users:,}")
+    return test.where(F.pmod(F.xxhash64("user"), F.lit(1_000_000)) < per_million)
 
 
 def _replace_published(source: Path, target: Path) -> None:

@@ -152,3 +152,14 @@ def test_auto_takes_the_executors_from_the_configured_size(cfg):
     assert not use_executors(auto, 999) and use_executors(auto, 1000)
     assert use_executors(cfg.with_overrides({"batch.topk_engine": "spark"}), 1)
     assert not use_executors(cfg.with_overrides({"batch.topk_engine": "driver"}), 10 ** 9)
+
+
+def test_the_holdout_is_evaluated_on_a_fixed_sample_of_a_large_customer_base(spark):
+    from batch_training.job import _evaluation_sample
+
+    test = spark.createDataFrame([(u, u % 7, 1.0) for u in range(20_000)], "user int, item int, count double")
+    assert _evaluation_sample(test, 20_000, 20_000) is test and _evaluation_sample(test, 20_000, None) is test
+    sampled = _evaluation_sample(test, 20_000, 2_000)
+    users = {row.user for row in sampled.select("user").collect()}
+    assert 1_700 <= len(users) <= 2_300       # about the asked number, by hash
+    assert users == {row.user for row in _evaluation_sample(test, 20_000, 2_000).select("user").collect()}
