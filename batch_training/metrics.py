@@ -102,13 +102,18 @@ def intra_list_diversity(recommended: np.ndarray, item_factors: np.ndarray) -> f
     1 means unrelated items. Lists with fewer than two items are skipped (nan when none has two);
     an all-zero factor vector is treated as unrelated to everything (similarity 0).
     """
-    factors = np.asarray(item_factors, dtype=np.float64)
+    factors = np.asarray(item_factors)
     if factors.ndim != 2:
         raise ValueError(f"item_factors must be [n_items, rank], got shape {factors.shape}")
-    top = _as_recommendations(recommended)
-    _valid_items(top, factors.shape[0])
-    norms = np.linalg.norm(factors, axis=1, keepdims=True)
-    unit = np.divide(factors, norms, out=np.zeros_like(factors), where=norms > 0)
+    lists = _as_recommendations(recommended)
+    _valid_items(lists, factors.shape[0])
+    # Only the listed items' vectors are normalised (lists renumbered to them): a catalogue of a
+    # million items would otherwise be copied in float64 on every call, hundreds of MB per task.
+    listed, position = np.unique(np.where(lists == PADDING, 0, lists), return_inverse=True)
+    top = np.where(lists == PADDING, PADDING, position.reshape(lists.shape))
+    used = factors[listed].astype(np.float64)
+    norms = np.linalg.norm(used, axis=1, keepdims=True)
+    unit = np.divide(used, norms, out=np.zeros_like(used), where=norms > 0)
 
     distance_sums, pair_counts = [], []
     for start in range(0, top.shape[0], _DIVERSITY_BLOCK_USERS):

@@ -133,6 +133,16 @@ def test_intra_list_diversity_is_mean_pairwise_cosine_distance():
     assert intra_list_diversity(recommended, factors) == pytest.approx((list0 + 0.0) / 2)
 
 
+def test_intra_list_diversity_reads_only_the_listed_items_and_treats_zero_vectors_as_unrelated():
+    factors = np.zeros((50_000, 2))
+    factors[40_000], factors[49_999] = [3.0, 0.0], [1.0, 1.0]     # item 7 stays all-zero
+    recommended = np.array([[40_000, 49_999, 7], [49_999, -1, -1]])
+    # d(40000, 49999) = 1 - 1/sqrt(2); each pair with the zero vector: 1 - 0 = 1
+    assert intra_list_diversity(recommended, factors) == pytest.approx((1 - 1 / math.sqrt(2) + 2) / 3)
+    factors[:7] = factors[8:40_000] = 5.0                      # unlisted items change nothing
+    assert intra_list_diversity(recommended, factors) == pytest.approx((1 - 1 / math.sqrt(2) + 2) / 3)
+
+
 def test_rmse():
     # differences 0, -2, 3 -> squares 0, 4, 9 -> sqrt(13 / 3)
     assert rmse(np.array([1.0, 2.0, 3.0]), np.array([1.0, 4.0, 0.0])) == pytest.approx(math.sqrt(13 / 3))
