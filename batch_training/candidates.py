@@ -1,6 +1,7 @@
 """The candidate scorers the batch job chooses among, evaluated through models.scorers.
 
-Every candidate (ALS, ALS blended with popularity at each configured weight, popularity, item-kNN)
+Every candidate (ALS, ALS blended with popularity at each configured weight, popularity, item-kNN
+with each configured weighting)
 is scored by ``models.scorers.recommend_from_counts`` from the same training counts and the same
 ALS fit, so the evaluation measures exactly what the jobs will serve.
 """
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.artifact import ModelArtifact
+from models.neighbours import WEIGHTINGS, KnnParams
 from models.scorers import MODEL_TYPES, needs_vectors, recommend_from_counts, user_vectors
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,34 @@ PARAMETER_FREE = ("popularity", "item_knn")     # scorers that do not use the AL
 class Candidate:
     model_type: str
     blend_weight: float | None = None
+    knn: KnnParams | None = None        # item-kNN: how its neighbour table is built
 
     @property
     def name(self) -> str:
-        return f"blend(w={self.blend_weight:g})" if self.model_type == "blend" else self.model_type
+        if self.model_type == "blend":
+            return f"blend(w={self.blend_weight:g})"
+        if self.knn is not None and self.knn.weighting != "cosine":
+            return f"item_knn({self.knn.weighting})"
+        return self.model_type
 
     def params(self) -> dict[str, Any]:
+        if self.knn is not None:
+            return self.knn.as_params()
         return {"blend_weight": self.blend_weight} if self.blend_weight is not None else {}
+
+
+def knn_from_config(cfg) -> list[KnnParams]:
+    """One neighbour-table setting per ``batch.scorers.knn.weightings`` entry."""
+    knn = cfg.get_path("batch.scorers.knn")
+    weightings = list(knn["weightings"] or [])
+    if not weightings:
+        raise ValueError("batch.scorers.knn.weightings is empty: name at least one of "
+                         f"{list(WEIGHTINGS)}, or drop item_knn from batch.scorers.candidates")
+    most = knn["max_customers"]
+    shared = {"neighbours": int(knn["neighbours"]), "max_customers": None if most is None else int(most)}
+    return [KnnParams(weighting=w, **shared) if w == "cosine" else
+            KnnParams(weighting=w, k1=float(knn["bm25_k1"]), b=float(knn["bm25_b"]), **shared)
+            for w in weightings]
 
 
 def candidates_from_config(cfg) -> list[Candidate]:
@@ -49,24 +72,11 @@ def candidates_from_config(cfg) -> list[Candidate]:
     for model_type in types:
         if model_type == "blend":
             result += [Candidate("blend", w) for w in weights]
+        elif model_type == "item_knn":
+            result += [Candidate("item_knn", knn=knn) for knn in knn_from_config(cfg)]
         else:
             result.append(Candidate(model_type))
     return result
-
-
-def without_unaffordable_knn(candidates: list[Candidate], n_items: int, max_items: int) -> list[Candidate]:
-    """Drop item-kNN when its dense item-item similarity would not fit in memory.
-
-    The similarity is a dense float32 [n_items, n_items] matrix (plus the co-occurrence it is
-    built from): 90k products would need ~60 GiB. Above ``batch.scorers.max_knn_items`` the
-    candidate and the baseline are skipped, and the log says so.
-    """
-    if n_items <= max_items or not any(c.model_type == "item_knn" for c in candidates):
-        return candidates
-    need_gib = 2 * 4 * n_items ** 2 / 2 ** 30
-    log.warning("item-kNN skipped: %s products exceed batch.scorers.max_knn_items=%s (its dense similarity "
-                "would need ~%.0f GiB)", f"{n_items:,}", f"{max_items:,}", need_gib)
-    return [c for c in candidates if c.model_type != "item_knn"]
 
 
 def scoring_artifact(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,

@@ -33,7 +33,8 @@ from batch_training.evaluation import Csr, ItemPopularity, _relevant_rows
 from batch_training.metrics import PADDING, RANKING_METRICS, intra_list_diversity, novelty, ranking_metrics
 from batch_training.per_customer import partitions_for
 from models.artifact import ModelArtifact
-from models.scorers import buy_again, user_vectors
+from models.neighbours import KnnParams
+from models.scorers import buy_again, neighbours_key, user_vectors
 
 CUSTOMERS_PER_PARTITION = 10_000
 # users: customers with a relevant item; listed / diverse: lists with >= 1 / >= 2 items.
@@ -71,50 +72,77 @@ def metrics_from_sums(sums: Mapping[str, float], distinct_items: int, k: int, n_
 
 def candidate_table_on_executors(train, test, base: ModelArtifact, candidates: list[Candidate], k: int,
                                  exclude_purchased: bool, popularity: ItemPopularity,
-                                 item_factors: np.ndarray | None = None,
-                                 partitions: int | None = None) -> dict[str, dict[str, float]]:
+                                 item_factors: np.ndarray | None = None, partitions: int | None = None,
+                                 n_users: int | None = None) -> dict[str, dict[str, float]]:
     """``job._candidate_table`` for the same split and fit: every candidate's metrics by name.
 
     ``base`` is the item side of the fit (``candidates.scoring_artifact`` without users),
     ``popularity`` train's; ``item_factors`` (the job passes the fit's) adds diversity.
     ``partitions`` defaults to one per ``CUSTOMERS_PER_PARTITION`` training customers
-    (``popularity.n_customers``: known without another Spark job).
+    (``popularity.n_customers``: known without another Spark job). ``n_users`` (the indexed
+    customers, for item-kNN's sampling stride) defaults to ``popularity.n_customers``.
     """
     score = partial(_score_candidates, candidates=list(candidates), k=k, exclude_purchased=exclude_purchased)
     names = list(dict.fromkeys(c.name for c in candidates))
-    return _evaluate(train, _relevant_rows(test, exclude_purchased), _item_side(base, train, candidates), score,
-                     names, k, popularity, item_factors, partitions)
+    return _evaluate(train, _relevant_rows(test, exclude_purchased), _item_side(base, train, candidates, n_users or popularity.n_customers),
+                     score, names, k, popularity, item_factors, partitions)
 
 
 def buy_again_table_on_executors(train, test, base: ModelArtifact, k: int, selected: Candidate,
-                                 popularity: ItemPopularity, partitions: int | None = None) -> dict[str, dict]:
+                                 popularity: ItemPopularity, partitions: int | None = None,
+                                 n_users: int | None = None) -> dict[str, dict]:
     """``job._evaluate_buy_again``: the buy-again lists of the selected model, ALS and popularity
     against the held-out repurchases; {} when the split holds out none (the random split)."""
     from pyspark.sql import functions as F
 
     scored = list(dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]))
     score = partial(_score_buy_again, candidates=scored, k=k)
-    table = _evaluate(train, test.where(F.col("repurchase")), _item_side(base, train, scored), score,
+    table = _evaluate(train, test.where(F.col("repurchase")), _item_side(base, train, scored, n_users or popularity.n_customers), score,
                       [f"buy_again({c.name})" for c in scored], k, popularity, None, partitions)
     return table if any(metrics["users"] for metrics in table.values()) else {}
 
 
-def item_similarity(train, n_items: int) -> np.ndarray:
-    """``models.scorers.item_cosine`` of train's purchases, the co-occurrence counted by Spark.
+def item_neighbours_on_executors(train, n_users: int, n_items: int, params: KnnParams):
+    """``models.neighbours.item_neighbours`` of train's purchases, built by Spark.
 
-    The driver holds the [n_items, n_items] result only, as its item-kNN scorer does, never the
-    purchases: the pairs of items a customer bought are joined and counted on the executors.
+    The pairs of products a customer bought are joined and their weights summed on the executors,
+    each product's best ``params.neighbours`` kept there too; the driver receives the kept cells
+    only (n_items x neighbours), never the purchases nor the co-occurrence.
     """
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from models.scorers import cosine_of_cooccurrence
+    from models.neighbours import from_triplets
 
-    bought = train.select("user", F.col("item").cast("int").alias("item")).distinct()
-    pairs = (bought.alias("a").join(bought.alias("b"), "user")
-             .groupBy(F.col("a.item").alias("i"), F.col("b.item").alias("j")).count().toPandas())
-    co = np.zeros((n_items, n_items), dtype=np.float32)      # whole counts: exact in float32, as item_cosine's
-    co[pairs["i"].to_numpy(), pairs["j"].to_numpy()] = pairs["count"].to_numpy()
-    return cosine_of_cooccurrence(co)
+    stride = params.stride(n_users)
+    pairs = (train.where(F.col("user") % stride == 0)
+             .select("user", F.col("item").cast("int").alias("item"), F.col("count").cast("double").alias("count"))
+             .groupBy("user", "item").agg(F.sum("count").alias("count")))
+    if params.weighting == "bm25":
+        per_customer = pairs.groupBy("user").agg(F.count("*").alias("products"))
+        length = pairs.groupBy("item").agg(F.sum("count").alias("length"))
+        mean_length = length.agg(F.mean("length")).first()[0] or 1.0
+        norm = (1.0 - params.b) + params.b * F.col("length") / F.lit(float(mean_length))
+        idf = F.log(F.lit(float(n_items)) / (1.0 + F.col("products")))
+        weighted = pairs.join(per_customer, "user").join(length, "item").select(
+            "user", "item", (F.col("count") * (params.k1 + 1.0) / (params.k1 * norm + F.col("count")) * idf).alias("w"))
+    else:
+        weighted = pairs.select("user", "item", F.lit(1.0).alias("w"))
+    left, right = weighted.alias("a"), weighted.alias("b")
+    cells = (left.join(right, "user").where(F.col("a.item") != F.col("b.item"))
+             .groupBy(F.col("a.item").alias("i"), F.col("b.item").alias("j"))
+             .agg(F.sum(F.col("a.w") * F.col("b.w")).alias("weight")))
+    if params.weighting == "cosine":
+        buyers = weighted.groupBy("item").agg(F.count("*").cast("double").alias("buyers"))
+        cells = (cells.join(buyers.select(F.col("item").alias("i"), F.col("buyers").alias("bi")), "i")
+                 .join(buyers.select(F.col("item").alias("j"), F.col("buyers").alias("bj")), "j")
+                 .select("i", "j", (F.col("weight") / F.sqrt(F.col("bi") * F.col("bj"))).alias("weight")))
+    cells = cells.where(F.col("weight") > 0)
+    if params.neighbours is not None:
+        rank = F.row_number().over(Window.partitionBy("i").orderBy(F.col("weight").desc(), F.col("j")))
+        cells = cells.withColumn("_rank", rank).where(F.col("_rank") <= params.neighbours)
+    kept = cells.select("i", "j", "weight").toPandas()
+    return from_triplets(kept["i"].to_numpy(), kept["j"].to_numpy(), kept["weight"].to_numpy(), n_items)
 
 
 # ------------------------------------------------------------------------------------ internals
@@ -155,13 +183,16 @@ def _customer_frame(train, relevant_rows, partitions: int):
             .repartition(partitions, "user"))
 
 
-def _item_side(base: ModelArtifact, train, candidates: list[Candidate]) -> ModelArtifact:
-    """``base`` to ship, with the item-kNN similarity of all of train when a candidate needs it: a
-    task's artifact holds only its own customers' counts, from which the scorer would compute it."""
+def _item_side(base: ModelArtifact, train, candidates: list[Candidate], n_users: int) -> ModelArtifact:
+    """``base`` to ship, with each item-kNN candidate's neighbour table of all of train: a task's
+    artifact holds only its own customers' counts, from which the scorer would build it."""
     shipped = copy.copy(base)
-    knn = any(c.model_type == "item_knn" for c in candidates)
     # models.scorers keeps its per-artifact precomputations here; the tasks' copies share it.
-    shipped._scorer_cache = {"similarity": item_similarity(train, base.n_items)} if knn else {}
+    shipped._scorer_cache = {}
+    for candidate in candidates:
+        if candidate.model_type == "item_knn":
+            knn = KnnParams.from_params(candidate.params())
+            shipped._scorer_cache[neighbours_key(knn)] = item_neighbours_on_executors(train, n_users, base.n_items, knn)
     return shipped
 
 

@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from models.neighbours import KnnParams
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
-                                       scoring_artifact, select_model, without_unaffordable_knn,
-                                       PARAMETER_FREE)
+                                       knn_from_config, scoring_artifact, select_model, PARAMETER_FREE)
 from batch_training.data import COUNT_MODES, DataSourceError, aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
                                        item_popularity, kfold_splits, relevant_sets, evaluate)
 from batch_training.metrics import rmse
 from batch_training.executor_eval import buy_again_table_on_executors, candidate_table_on_executors
-from batch_training.per_customer import (partitions_for, run_on_executors, seed_item_similarity, use_executors,
+from batch_training.per_customer import (partitions_for, run_on_executors, seed_item_neighbours, use_executors,
                                          write_sinks)
 from batch_training.report import write_report
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
@@ -225,13 +225,20 @@ def run(cfg: Config, spark=None) -> BatchResult:
     log.info("holdout (%s): train %s pairs, test %s pairs", method, f"{train.count():,}", f"{test.count():,}")
 
     scorers = _scorer_candidates(cfg, metric, n_items)
+    on_executors = use_executors(cfg, n_users)
+    log.info("per-customer work on the %s (batch.topk_engine=%s, %s customers; batch.executor_min_customers=%s)",
+             "executors" if on_executors else "driver", cfg.get_path("batch.topk_engine"), f"{n_users:,}",
+             f"{int(cfg.get_path('batch.executor_min_customers')):,}")
+    partitions = partitions_for(n_users, int(cfg.get_path("batch.customers_per_partition"))) if on_executors else None
+    most_evaluated = cfg.get_path("batch.holdout.max_evaluated_customers")
     chosen, selected, cv_summary = base, scorers[0], []
     folds_k = int(cfg.get_path("batch.cv_folds", 5))
     grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
     if folds_k >= 2 and (len(grid) > 1 or len(scorers) > 1):
         stages.start(f"cross-validation ({folds_k} folds x {len(grid)} ALS candidates x {len(scorers)} scorers)")
+        fold_scorer = _fold_scorer(k, exclude, metric, n_users, n_items, scorers, partitions, most_evaluated)
         results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), grid, n_users, n_items,
-                                 _fold_scorer(k, exclude, metric, n_users, n_items, scorers), metric)
+                                 fold_scorer, metric, collect_users=metric == "rmse" or not on_executors)
         chosen, selected, rows = select_model(results, scorers, metric,
                                               float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1)),
                                               lower_is_better=metric in LOWER_IS_BETTER)
@@ -244,18 +251,12 @@ def run(cfg: Config, spark=None) -> BatchResult:
     else:   # popularity, item-kNN: the ALS parameters play no part in its lists
         log.info("selected model: %s (no ALS factors in its scores)", selected.name)
 
-    on_executors = use_executors(cfg, n_users)
-    log.info("per-customer work on the %s (batch.topk_engine=%s, %s customers; batch.executor_min_customers=%s)",
-             "executors" if on_executors else "driver", cfg.get_path("batch.topk_engine"), f"{n_users:,}",
-             f"{int(cfg.get_path('batch.executor_min_customers')):,}")
     stages.start("evaluation on the holdout")
     explicit = not base.implicit_prefs    # its RMSE needs the user factors on the driver
     holdout_factors = fit_als(train, chosen, n_users, n_items, collect_users=explicit or not on_executors)
-    evaluated = _evaluation_sample(test, n_users, cfg.get_path("batch.holdout.max_evaluated_customers"))
-    holdout = _Split(train, evaluated, n_users, n_items, partitions_for(
-        n_users, int(cfg.get_path("batch.customers_per_partition"))) if on_executors else None)
+    holdout = _Split(train, _evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions)
     metrics = _evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
-                                max_knn_items=int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
+                                knn_from_config(cfg)[0])
     if chosen != base and metric not in LOWER_IS_BETTER:
         _add_plain_als(metrics, fit_als(train, base, n_users, n_items, collect_users=not on_executors), holdout, k)
     metrics["split"] = method
@@ -295,8 +296,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
         artifact = _artifact(chosen, _item_side(final), np.zeros(0, dtype=str), product_ids, popularity.buyers,
                              PairArrays.empty(), cutoff, stats, metrics, selected, params)
         artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
-        if artifact.model_type == "item_knn":       # its similarity, from every customer's counts on Spark
-            seed_item_similarity(artifact, indexed, n_items)
+        if artifact.model_type == "item_knn":       # its neighbour table, from every customer's counts on Spark
+            seed_item_neighbours(artifact, indexed, n_users)
         run_dir = output_dir / "versions" / artifact.version
         run_dir.mkdir(parents=True, exist_ok=True)
         stages.start("top-10 and the model's user side on the executors")
@@ -425,13 +426,14 @@ def _scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate
     """The scorers cross-validation chooses among (only ALS in explicit mode; without CV, the first)."""
     if metric in LOWER_IS_BETTER:
         return [Candidate("als")]
-    return without_unaffordable_knn(candidates_from_config(cfg), n_items,
-                                    int(cfg.get_path("batch.scorers.max_knn_items", 10_000)))
+    return candidates_from_config(cfg)
 
 
-def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int, scorers: list[Candidate]):
+def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int, scorers: list[Candidate],
+                 partitions: int | None = None, most_evaluated: int | None = None):
     """Each scorer's metrics on a fold. Popularity and item-kNN do not depend on the ALS parameters,
-    so they are computed once per fold."""
+    so they are computed once per fold. With ``partitions``, on the executors as the holdout is,
+    over the same hash sample of customers (``batch.holdout.max_evaluated_customers``)."""
     independent = [c for c in scorers if c.model_type in PARAMETER_FREE]
     dependent = [c for c in scorers if c not in independent]
     current: dict[str, Any] = {"fold": None}     # the fold being scored: its split and parameter-free rows
@@ -441,7 +443,8 @@ def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int,
             return {"als": {"rmse": _rmse(factors, test)}}
         first = current["fold"] != fold_no
         if first:
-            current.update(fold=fold_no, split=_Split(train, test, n_users, n_items), independent={})
+            current.update(fold=fold_no, independent={}, split=_Split(
+                train, _evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions))
         table = _candidate_table(factors, current["split"], k, exclude, dependent + (independent if first else []))
         if first:
             current["independent"] = {c.name: table[c.name] for c in independent}
@@ -490,7 +493,7 @@ class _Split:
     only the popularity; the customers stay on the executors, which return sums."""
 
     def __init__(self, train, test, n_users: int, n_items: int, partitions: int | None = None):
-        self.train, self.test, self.n_items, self.partitions = train, test, n_items, partitions
+        self.train, self.test, self.n_users, self.n_items, self.partitions = train, test, n_users, n_items, partitions
         self.purchased = PairArrays.empty() if partitions else PairArrays.collect(train, n_users)
         self.popularity = item_popularity(train, n_items)
         self._relevant: dict[bool, tuple] = {}
@@ -519,7 +522,7 @@ def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
     """Every candidate's metrics on one split, all scored from the same training counts and fit."""
     if split.on_executors:
         return candidate_table_on_executors(split.train, split.test, split.artifact(factors), candidates, k, exclude,
-                                            split.popularity, factors.item_factors, split.partitions)
+                                            split.popularity, factors.item_factors, split.partitions, split.n_users)
     users, relevant = split.relevant(exclude)
     lists = recommend_candidates(split.artifact(factors), candidates, users, k, exclude)
     return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
@@ -528,15 +531,15 @@ def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
 
 def _evaluate_holdout(factors: Factors, split: _Split, k: int,
                       exclude_main: bool, candidates: list[Candidate] | None = None,
-                      selected: Candidate | None = None, max_knn_items: int = 10_000) -> dict[str, Any]:
-    """The selected model ("model") beside every candidate and the popularity and item-kNN baselines,
-    on the same split, with purchased items excluded and included."""
+                      selected: Candidate | None = None, knn: KnnParams | None = None) -> dict[str, Any]:
+    """The selected model ("model") beside every candidate and the popularity and item-kNN baselines
+    (the latter with ``knn``, the first configured table, unless a candidate is one), on the same
+    split, with purchased items excluded and included."""
     selected = selected or Candidate("als")
     everyone = list(candidates or [selected])
-    for baseline in (Candidate("popularity"), Candidate("item_knn"), Candidate("als")):
-        if baseline not in everyone:
+    for baseline in (Candidate("popularity"), Candidate("item_knn", knn=knn), Candidate("als")):
+        if not any(c.model_type == baseline.model_type for c in everyone):
             everyone.append(baseline)
-    everyone = without_unaffordable_knn(everyone, split.n_items, max_knn_items)
     report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main, "selected": selected.name}
     for exclude in (True, False):
         rows = _candidate_table(factors, split, k, exclude, everyone)
@@ -572,7 +575,7 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
 
     if split.on_executors:
         table = buy_again_table_on_executors(split.train, split.test, split.artifact(factors), k, selected,
-                                             split.popularity, split.partitions)
+                                             split.popularity, split.partitions, split.n_users)
         if table:
             log.info("buy-again lists on the held-out repurchases:\n%s", format_metrics_table(table))
         return table
@@ -700,6 +703,7 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
     """The model to publish. Every type keeps the ALS factors, so a scorer that only knows ALS can
     still load it (and the blend needs them)."""
     from models.artifact import ModelArtifact, new_version
+    from models.scorers import item_neighbours_of
 
     selected = selected or Candidate("als")
     cutoff_iso = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z" if cutoff is not None else None
@@ -710,6 +714,8 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
         user_items_indptr=pairs.indptr, user_items_indices=pairs.indices, user_items_counts=pairs.counts,
         params={**params.as_dict(), **selected.params(), **(recency or {})}, cutoff_time=cutoff_iso, stats=_jsonable(stats),
         metrics=_jsonable(metrics))
+    if artifact.model_type == "item_knn" and artifact.n_users:
+        artifact.item_neighbours = item_neighbours_of(artifact)   # stored: the stream never rebuilds it
     artifact.validate()
     return artifact
 

@@ -271,15 +271,14 @@ def run_on_executors(spark, cfg: Config, indexed, maps, artifact, user_factors_d
     return ExecutorOutputs(scored=scored, user_parts=parts, settings=settings, written=written)
 
 
-def seed_item_similarity(artifact, indexed, n_items: int) -> None:
-    """The item-kNN similarity of every customer's purchases, counted by Spark, put in the
-    artifact's scorer cache before it is shipped: the tasks score with it as the driver path does
-    with ``models.scorers.item_cosine``. Item-kNN runs only up to ``batch.scorers.max_knn_items``
-    products, so the dense matrix fits the driver."""
-    from batch_training.executor_eval import item_similarity
-    from models.scorers import _cache
+def seed_item_neighbours(artifact, indexed, n_users: int) -> None:
+    """The item-kNN neighbour table of every customer's purchases, built by Spark
+    (``executor_eval.item_neighbours_on_executors``), set on the artifact before it is shipped and
+    stored: the tasks score with it as the driver path does with the table it builds."""
+    from batch_training.executor_eval import item_neighbours_on_executors
+    from models.scorers import knn_params
 
-    _cache(artifact)["similarity"] = item_similarity(indexed, n_items)
+    artifact.item_neighbours = item_neighbours_on_executors(indexed, n_users, artifact.n_items, knn_params(artifact))
 
 
 def write_files(scored, folder: Path) -> None:

@@ -161,16 +161,17 @@ FoldScorer = Callable[[int, Factors, Any, Any], dict[str, dict]]
 
 
 def cross_validate(folds: list[tuple[Any, Any]], candidates: list[AlsParams], n_users: int, n_items: int,
-                   score_fold: FoldScorer, metric: str) -> list[CandidateResult]:
+                   score_fold: FoldScorer, metric: str, collect_users: bool = True) -> list[CandidateResult]:
     """Fit every ALS candidate on every fold's train part; ``score_fold(fold_no, factors, train, test)``
-    returns each scorer's metrics on the fold's test part (ALS alone, or the whole scorer family)."""
+    returns each scorer's metrics on the fold's test part (ALS alone, or the whole scorer family).
+    ``collect_users`` as ``fit_als``'s: off when the folds are scored on the executors."""
     results = [CandidateResult(params) for params in candidates]
     progress = CvProgress(len(folds) * len(candidates), len(folds), metric)
     try:
         for fold_no, (train, test) in enumerate(folds, 1):
             train, test = train.cache(), test.cache()
             for result in results:
-                factors = fit_als(train, result.params, n_users, n_items)
+                factors = fit_als(train, result.params, n_users, n_items, collect_users=collect_users)
                 by_scorer = score_fold(fold_no, factors, train, test)
                 result.fold_metrics.append(by_scorer)
                 progress.fitted(fold_no, result.params.label(), by_scorer)

@@ -71,6 +71,9 @@ class ModelArtifact:
     # Where the model came from (data source, config hash, params, code version, parent version);
     # written by the batch job, empty for versions written before it was recorded.
     lineage: dict = field(default_factory=dict)
+    # item-kNN: each product's nearest products (models.neighbours; scipy CSR float32 [n_items,
+    # n_items]); None for the other model types and for item-kNN versions written before it was stored.
+    item_neighbours: Any = None
     _item_lookup: Any = field(default=None, init=False, repr=False)
     _user_lookup: Any = field(default=None, init=False, repr=False)
 
@@ -149,8 +152,18 @@ class ModelArtifact:
         _check(bool(np.all(np.isfinite(self.popularity))) and not np.any(self.popularity < 0),
                "popularity must be finite and non-negative")
         self._validate_user_items()
+        self._validate_neighbours()
         self._validate_metadata()
         return self
+
+    def _validate_neighbours(self) -> None:
+        table = self.item_neighbours
+        if table is None:
+            return
+        _check(table.shape == (self.n_items, self.n_items),
+               f"item_neighbours has shape {table.shape}, expected ({self.n_items}, {self.n_items})")
+        _check(bool(np.all(np.isfinite(table.data))) and not np.any(table.data < 0),
+               "item_neighbours weights must be finite and non-negative")
 
     def _validate_ids(self) -> None:
         for name, ids in (("item_ids", self.item_ids), ("user_ids", self.user_ids)):

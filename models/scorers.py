@@ -11,8 +11,9 @@ Model types (``ModelArtifact.model_type``):
   extra factor column (user ``[w u / max_u, 1 - w]``, item ``[v, p / max_p]``), so the same
   ``scoring.top_k`` ranks it: ``w = 0`` is the popularity ranking, ``w = 1`` the ALS ranking.
 * ``popularity``: the best sellers (the model the gate publishes when nothing beats it).
-* ``item_knn``: item-item cosine over the trained purchase matrix (binary), score = sum of the
-  similarities to the items the customer bought; computed from the artifact's purchase CSR.
+* ``item_knn``: each product's nearest products by co-purchase (``models.neighbours``: cosine or
+  BM25, the N best kept), score = the summed similarities of the products the customer bought; the
+  table is stored with the version (built from the trained purchases for older versions).
 
 A customer with no purchase of a product the model knows gets the popularity list (strategy
 ``popularity``), or their segment's (a country, a store: strategy ``segment_popularity``) when the
@@ -26,13 +27,12 @@ from typing import Optional
 import numpy as np
 
 from models import scoring
+from models.neighbours import KnnParams, item_neighbours, knn_pair_scores, knn_top_k
 
 MODEL_TYPES = ("als", "blend", "popularity", "item_knn")
 PERSONALIZED = "personalized"
 POPULARITY = "popularity"
 SEGMENT_POPULARITY = "segment_popularity"
-# Dense user rows scored at once by the item-kNN scorer and its co-occurrence build (~64 MB).
-_DENSE_BUDGET = 16_777_216
 
 
 def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int,
@@ -111,7 +111,7 @@ def _segment_rows(artifact, segments, fallback: np.ndarray):
 
 def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None):
     if artifact.model_type == "item_knn":
-        return _knn_top_k(artifact, indptr, indices, k, excluded)
+        return _knn_top_k(artifact, indptr, indices, counts, k, excluded)
     if vectors is None:
         vectors = user_vectors(artifact, indptr, indices, counts)
     if artifact.model_type == "als":
@@ -190,13 +190,8 @@ def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.n
     if model_type == POPULARITY or len(rows) == 0:
         return np.asarray(artifact.popularity, dtype=np.float64)[items]
     if model_type == "item_knn":
-        similarity = _similarity(artifact)
-        result = np.zeros(len(rows))
-        for row in np.unique(rows):
-            bought = indices[indptr[row]:indptr[row + 1]]
-            wanted = rows == row
-            result[wanted] = similarity[items[wanted]][:, bought[bought >= 0]].sum(axis=1)
-        return result
+        return knn_pair_scores(item_neighbours_of(artifact), indptr, indices, counts, knn_params(artifact).weighting,
+                               rows, items)
     if vectors is None:
         vectors = user_vectors(artifact, np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
                                np.asarray(counts, dtype=np.float32))
@@ -217,68 +212,36 @@ def _share_of_row_max(values: np.ndarray, rows: np.ndarray, n_rows: int) -> np.n
 
 # ------------------------------------------------------------------------------------ item-kNN
 
-def item_cosine(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.ndarray:
-    """Item-item cosine similarity (float32 [n_items, n_items], zero diagonal) of binary purchases.
-
-    Co-occurrence ``X^T X`` is accumulated over dense blocks of users with one matrix product
-    each: a few seconds for thousands of items, no sparse library needed.
-    """
-    indptr = np.asarray(indptr, dtype=np.int64)
-    indices = np.asarray(indices, dtype=np.int64)
-    n_users = len(indptr) - 1
-    co = np.zeros((n_items, n_items), dtype=np.float32)
-    block = max(1, _DENSE_BUDGET // max(n_items, 1))
-    for begin in range(0, n_users, block):
-        end = min(n_users, begin + block)
-        dense = _dense_rows(indptr, indices, begin, end, n_items)
-        co += dense.T @ dense
-    return cosine_of_cooccurrence(co)
+def knn_params(artifact) -> KnnParams:
+    """The artifact's neighbour-table settings (``models.neighbours``)."""
+    return KnnParams.from_params(artifact.params or {})
 
 
-def cosine_of_cooccurrence(co: np.ndarray) -> np.ndarray:
-    """Cosine similarity (zero diagonal) from the co-occurrence counts ``X^T X`` (float32), wherever
-    they were counted (``item_cosine`` here, or Spark over customers the driver never holds)."""
-    norms = np.sqrt(np.diag(co).astype(np.float64))
-    inverse = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
-    similarity = co * inverse[:, None] * inverse[None, :]
-    np.fill_diagonal(similarity, 0.0)
-    return similarity
-
-
-def _knn_top_k(artifact, indptr, indices, k, excluded):
-    similarity = _similarity(artifact)
-    n_users, n_items = len(indptr) - 1, artifact.n_items
-    item_idx = np.full((n_users, k), -1, dtype=np.int32)
-    scores = np.full((n_users, k), np.nan, dtype=np.float32)
-    block = max(1, _DENSE_BUDGET // max(n_items, 1))
-    for begin in range(0, n_users, block):
-        end = min(n_users, begin + block)
-        dense = _dense_rows(indptr, indices, begin, end, n_items)
-        block_excluded = None
-        if excluded is not None:
-            ex_indptr, ex_indices = excluded
-            block_excluded = (ex_indptr[begin:end + 1] - ex_indptr[begin], ex_indices[ex_indptr[begin]:ex_indptr[end]])
-        # similarity is symmetric: row scores = dense @ S = top_k(dense, S) with S as "item factors".
-        item_idx[begin:end], scores[begin:end] = scoring.top_k(dense, similarity, k, exclude=block_excluded)
-    return item_idx, scores
-
-
-def _similarity(artifact) -> np.ndarray:
+def item_neighbours_of(artifact):
+    """The artifact's neighbour table: the stored one, or built once from its trained purchases
+    (evaluation artifacts, and versions written before the table was stored)."""
+    if getattr(artifact, "item_neighbours", None) is not None:
+        return artifact.item_neighbours
+    params = knn_params(artifact)
     cache = _cache(artifact)
-    if "similarity" not in cache:
-        trained_indptr, trained_indices, _ = artifact.user_items
-        cache["similarity"] = item_cosine(trained_indptr, trained_indices, artifact.n_items)
-    return cache["similarity"]
+    key = neighbours_key(params)
+    if key not in cache:
+        trained_indptr, trained_indices, trained_counts = artifact.user_items
+        cache[key] = item_neighbours(trained_indptr, trained_indices, trained_counts, artifact.n_items, params)
+    return cache[key]
 
 
-def _dense_rows(indptr, indices, begin, end, n_items) -> np.ndarray:
-    """Binary dense rows ``begin:end`` of a CSR (unknown items, index < 0, ignored)."""
-    dense = np.zeros((end - begin, n_items), dtype=np.float32)
-    rows = np.repeat(np.arange(end - begin), np.diff(indptr[begin:end + 1]))
-    cols = indices[indptr[begin]:indptr[end]]
-    known = cols >= 0
-    dense[rows[known], cols[known]] = 1.0
-    return dense
+def neighbours_key(params: KnnParams) -> tuple:
+    """Where ``item_neighbours_of`` caches a table built with ``params`` (or finds one put there)."""
+    return ("neighbours", params)
+
+
+def _knn_top_k(artifact, indptr, indices, counts, k, excluded):
+    def fill(k_: int, exclude):
+        return scoring.popularity_top_k(artifact.popularity, k_, exclude=exclude)
+
+    return knn_top_k(item_neighbours_of(artifact), indptr, indices, counts, k, knn_params(artifact).weighting,
+                     excluded, fill)
 
 
 # ----------------------------------------------------------------------------------- internals

@@ -19,6 +19,7 @@ FORMAT_INLINE = 1       # the users in users.parquet, user_items.parquet, user_f
 FORMAT_PARTS = 2        # the users in users/part-NNNNN.parquet, each written where it was computed
 FORMAT_VERSION = FORMAT_PARTS      # the newest format this code writes and reads
 ITEM_FILES = ("item_factors.npy", "items.parquet")
+NEIGHBOURS_FILE = "item_neighbours.parquet"   # item-kNN versions only: the neighbour table's cells
 USERS_DIR = "users"
 PART_COLUMNS = ("customer_id", "items", "counts", "factors")
 MAX_PART = 99_999                  # part numbers have 5 digits
@@ -64,6 +65,11 @@ def encode_files(artifact: ModelArtifact, with_users: bool = True) -> dict[str, 
                                                 "product_id": artifact.item_ids,
                                                 "popularity": artifact.popularity})),
     }
+    if artifact.item_neighbours is not None:
+        table = artifact.item_neighbours.tocoo()
+        files[NEIGHBOURS_FILE] = _parquet(pd.DataFrame({"item_index": table.row.astype(np.int32),
+                                                        "neighbour_index": table.col.astype(np.int32),
+                                                        "weight": table.data.astype(np.float32)}))
     if with_users:
         indptr, indices, counts = artifact.user_items
         user_of_entry = np.repeat(np.arange(artifact.n_users, dtype=np.int32), np.diff(indptr))
@@ -162,7 +168,7 @@ def metadata_problem(metadata: dict) -> Optional[str]:
             f"user part {name!r} has no entry in files"
         if problem:
             return problem
-    if len(set(parts)) != len(parts) or set(files) != set(ITEM_FILES) | set(parts):
+    if len(set(parts)) != len(parts) or set(files) - {NEIGHBOURS_FILE} != set(ITEM_FILES) | set(parts):
         return f"files {sorted(files)} are not the item files {list(ITEM_FILES)} plus each user part once"
     rows = sum(files[name]["rows"] for name in parts)
     if metadata.get("n_users") != rows:
@@ -194,7 +200,14 @@ def decode_item_side(metadata: dict, read: Callable[[str], bytes]) -> ModelArtif
     items = pd.read_parquet(io.BytesIO(read("items.parquet"))).sort_values("item_index")
     item_factors = _load_npy(read("item_factors.npy"))
     rank = item_factors.shape[1] if item_factors.ndim == 2 else 0
-    return ModelArtifact(
+    neighbours = None
+    if NEIGHBOURS_FILE in metadata["files"]:
+        from models.neighbours import from_triplets
+
+        cells = pd.read_parquet(io.BytesIO(read(NEIGHBOURS_FILE)))
+        neighbours = from_triplets(cells["item_index"].to_numpy(), cells["neighbour_index"].to_numpy(),
+                                   cells["weight"].to_numpy(), len(items))
+    return ModelArtifact(item_neighbours=neighbours,
         version=metadata["version"], model_type=metadata["model_type"],
         item_ids=items["product_id"].to_numpy(), item_factors=item_factors,
         user_ids=np.zeros(0, dtype=str), user_factors=np.zeros((0, rank), dtype=np.float32),

@@ -13,15 +13,16 @@ from batch_training import job
 from batch_training.candidates import Candidate, scoring_artifact
 from batch_training.evaluation import Csr, ItemPopularity, evaluate, holdout_split
 from batch_training.executor_eval import (buy_again_table_on_executors, candidate_table_on_executors,
-                                          item_similarity, metrics_from_sums, partition_sums)
+                                          item_neighbours_on_executors, metrics_from_sums, partition_sums)
 from batch_training.train import AlsParams, fit_als
-from models.scorers import item_cosine
+from models.neighbours import KnnParams, item_neighbours
 
 pytestmark = pytest.mark.integration
 
 EPOCH = datetime(2024, 1, 1)
 N_USERS, N_ITEMS, N_COLD, K = 300, 50, 4, 10
-CANDIDATES = [Candidate("als"), Candidate("popularity"), Candidate("blend", 0.5), Candidate("item_knn")]
+CANDIDATES = [Candidate("als"), Candidate("popularity"), Candidate("blend", 0.5), Candidate("item_knn"),
+              Candidate("item_knn", knn=KnnParams(neighbours=5, weighting="bm25"))]
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,17 @@ def test_partition_sums_add_up_to_evaluate():
     assert_same({"x": metrics_from_sums(total, distinct, K, n_items, diversity=True)}, {"x": expected})
 
 
-def test_item_similarity_is_item_cosine_of_the_training_counts(holdout):
+@pytest.mark.parametrize("params", [KnnParams(), KnnParams(neighbours=5), KnnParams(neighbours=5, max_customers=40),
+                                    KnnParams(neighbours=5, weighting="bm25", k1=2.0, b=0.5)])
+def test_sparks_neighbour_table_is_the_one_built_from_the_training_counts(holdout, params):
     _, split, _ = holdout
-    expected = item_cosine(split.purchased.indptr, split.purchased.indices, N_ITEMS)
-    np.testing.assert_array_equal(item_similarity(split.train, N_ITEMS), expected)
+    p = split.purchased
+    expected = item_neighbours(p.indptr, p.indices, p.counts, N_ITEMS, params).toarray()
+    got = item_neighbours_on_executors(split.train, len(p.indptr) - 1, N_ITEMS, params).toarray()
+    if params.weighting == "cosine":
+        np.testing.assert_array_equal(got, expected)      # the same arithmetic on whole counts: bit for bit
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("exclude", [True, False])

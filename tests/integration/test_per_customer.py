@@ -15,8 +15,9 @@ from batch_training.datasets import load_events
 from batch_training.generate import write
 from batch_training.job import (_artifact, _buy_again_all, _item_side, _ordered_ids, _recommend_all, run)
 from batch_training.evaluation import item_popularity
-from batch_training.per_customer import partitions_for, run_on_executors, seed_item_similarity, use_executors
+from batch_training.per_customer import partitions_for, run_on_executors, seed_item_neighbours, use_executors
 from batch_training.train import AlsParams, PairArrays, fit_als
+from models.neighbours import KnnParams
 from models.store import ModelStore
 
 pytestmark = [pytest.mark.integration]
@@ -65,7 +66,7 @@ def _executor_run(spark, cfg, tmp_path, p, candidate: Candidate, exclude: bool, 
     item_side = _artifact(p["params"], _item_side(factors), np.zeros(0, dtype=str), p["product_ids"], p["buyers"],
                           PairArrays.empty(), None, {}, {}, candidate, {})
     if candidate.model_type == "item_knn":
-        seed_item_similarity(item_side, p["indexed"], p["maps"].n_items)
+        seed_item_neighbours(item_side, p["indexed"], p["maps"].n_users)
     outputs = run_on_executors(spark, job_cfg, p["indexed"], p["maps"], item_side, user_factors_df, K, exclude,
                                tmp_path)
     scored = outputs.scored.toPandas().set_index("customer_id").sort_index()
@@ -85,8 +86,9 @@ def _assert_same_lists(driver: pd.DataFrame, executors: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize("candidate, exclude", [(Candidate("als"), True), (Candidate("als"), False),
                                                 (Candidate("blend", 0.5), True), (Candidate("popularity"), True),
-                                                (Candidate("item_knn"), True)],
-                         ids=["als", "als-include-purchased", "blend", "popularity", "item_knn"])
+                                                (Candidate("item_knn"), True),
+                                                (Candidate("item_knn", knn=KnnParams(neighbours=5)), True)],
+                         ids=["als", "als-include-purchased", "blend", "popularity", "item_knn", "item_knn-top5"])
 def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepared, candidate, exclude):
     p = prepared
     driver, _ = _driver_lists(p, candidate, exclude, p["factors"])
@@ -163,3 +165,30 @@ def test_the_holdout_is_evaluated_on_a_fixed_sample_of_a_large_customer_base(spa
     users = {row.user for row in sampled.select("user").collect()}
     assert 1_700 <= len(users) <= 2_300       # about the asked number, by hash
     assert users == {row.user for row in _evaluation_sample(test, 20_000, 2_000).select("user").collect()}
+
+
+def test_cross_validation_and_holdout_on_the_executors_give_the_driver_paths_tables(spark, cfg, tmp_path):
+    """The CV's folds are scored where the holdout is: with batch.topk_engine=spark on the
+    executors (fits without gathering the user factors), with the same table as the driver's."""
+    write(tmp_path / "data", factor=0.05, seed=5, fmt="csv")
+    results = {}
+    for engine in ("driver", "spark"):
+        results[engine] = run(cfg.with_overrides({
+            "data.path": str(tmp_path / "data" / "transactions.csv"), "batch.topk_engine": engine,
+            "batch.output_dir": str(tmp_path / engine / "out"), "model_store.uri": str(tmp_path / engine / "models"),
+            "batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]}, "batch.als.max_iter": 3, "batch.als.blocks": 2,
+            "batch.scorers.candidates": ["als", "blend", "popularity", "item_knn"],
+            "batch.scorers.blend_weights": [0.5], "batch.final_fit": "fold_in",
+            "batch.customers_per_partition": 40, "batch.write_table": False, "batch.write_topic": False}),
+            spark=spark)
+    driver, executors = (results[e].metrics for e in ("driver", "spark"))
+    assert len(driver["cross_validation"]) == 6        # 2 ALS fits x (als, blend) + popularity + item-kNN
+    assert [row["model"] for row in executors["cross_validation"]] == [row["model"] for row in driver["cross_validation"]]
+    for got, want in zip(executors["cross_validation"], driver["cross_validation"]):
+        assert got["params"] == want["params"]
+        assert got["mean_map"] == pytest.approx(want["mean_map"], rel=1e-6, abs=1e-12)
+        assert got["sd_map"] == pytest.approx(want["sd_map"], rel=1e-6, abs=1e-12)
+    for name, row in driver["exclude_purchased"].items():
+        for metric in ("map", "ndcg", "recall", "users", "coverage"):
+            assert executors["exclude_purchased"][name][metric] == pytest.approx(row[metric], rel=1e-6), (name, metric)
+    assert results["spark"].model_type == results["driver"].model_type

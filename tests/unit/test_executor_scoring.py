@@ -143,3 +143,32 @@ def test_the_driver_shifts_the_ages_by_the_batch_duration():
     shifted = latency.percentiles(figures.latency, (0, 100))
     assert shifted["p0"] == pytest.approx(700, abs=25) and shifted["p100"] == pytest.approx(2_600, abs=25)
     assert latency.cumulative_at(figures.latency, [1_000, 3_000]) == [2, 3]
+
+
+@pytest.mark.parametrize("weighting", ["cosine", "bm25"])
+def test_an_item_knn_version_is_served_from_the_neighbour_table_stored_with_it(tmp_path, weighting):
+    """The batch job stores item-kNN's table with the version; the stream's executors load it
+    from the store and score new purchases with it, as the driver-side scoring does."""
+    from models.neighbours import KnnParams
+    from models.scorers import item_neighbours_of
+
+    knn = small_als(version="knn1")
+    knn.model_type = "item_knn"
+    knn.params.update(KnnParams(neighbours=2, weighting=weighting).as_params())
+    knn.item_neighbours = item_neighbours_of(knn)
+    store = ModelStore(str(tmp_path / "models"))
+    store.publish(knn.validate())
+    executor._models.clear()
+    loaded = store.load("knn1")
+    assert (loaded.item_neighbours != knn.item_neighbours).nnz == 0 and loaded.item_neighbours.nnz > 0
+
+    frame = state_rows()
+    records, _ = score_frame(frame, "knn1", batch_id=1, batch_started_ms=BATCH_START_MS, settings=settings_for(store))
+    model = ServingModel.prepare(loaded)
+    changed = frame[frame["new_events"] > 0].reset_index(drop=True)
+    expected = records_for(model, changed, score_customers(model, changed, 3, True,
+                                                           segments=changed["segment"].to_numpy(object)),
+                           computed_at_ms=0)
+    messages = [json.loads(v) for v in records["value"]]
+    assert [m["recommendations"] for m in messages] == [r.to_message()["recommendations"] for r in expected]
+    assert all(m["strategy"] == "personalized" for m in messages)

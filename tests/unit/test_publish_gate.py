@@ -144,10 +144,15 @@ def test_explicit_mode_publishes_over_a_current_model_that_recorded_no_rmse():
     assert ok and "recorded no RMSE" in reason
 
 
-def test_item_knn_is_skipped_when_its_dense_similarity_would_not_fit():
-    from batch_training.candidates import Candidate, without_unaffordable_knn
+def test_item_knn_candidates_follow_the_configured_weightings():
+    from batch_training.candidates import candidates_from_config
 
-    candidates = [Candidate("als"), Candidate("item_knn"), Candidate("popularity")]
-    assert without_unaffordable_knn(candidates, n_items=5_000, max_items=10_000) == candidates
-    kept = without_unaffordable_knn(candidates, n_items=90_704, max_items=10_000)
-    assert [c.model_type for c in kept] == ["als", "popularity"]
+    cfg = load_config(files=[], env={}).with_overrides({"batch.scorers.candidates": ["als", "item_knn", "popularity"],
+                                        "batch.scorers.knn.weightings": ["cosine", "bm25"],
+                                        "batch.scorers.knn.neighbours": 50, "batch.scorers.knn.bm25_k1": 3.0})
+    candidates = candidates_from_config(cfg)
+    assert [c.name for c in candidates] == ["als", "item_knn", "item_knn(bm25)", "popularity"]
+    assert candidates[2].params() == {"knn_neighbours": 50, "knn_weighting": "bm25", "bm25_k1": 3.0, "bm25_b": 0.75,
+                                    "knn_max_customers": 1_000_000}
+    with pytest.raises(ValueError, match="batch.scorers.knn.weightings is empty"):
+        candidates_from_config(cfg.with_overrides({"batch.scorers.knn.weightings": []}))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from models.artifact import ModelArtifact, new_version
-from models.scorers import (buy_again, discover, item_cosine, recommend_from_counts, segment_popularity,
+from models.neighbours import KnnParams
+from models.scorers import (buy_again, discover, item_neighbours_of, recommend_from_counts, segment_popularity,
                             user_vectors)
 from models.scoring import fold_in, popularity_top_k, top_k
 
@@ -76,28 +77,31 @@ def test_the_popularity_type_gives_everyone_the_best_sellers_minus_their_purchas
     np.testing.assert_array_equal(scores, model.popularity[items])
 
 
-def test_item_cosine_matches_a_direct_computation():
-    rng = np.random.default_rng(5)
-    indptr, indices, _ = _csr(rng, 30, 25, 6)
-    dense = np.zeros((30, 25))
-    dense[np.repeat(np.arange(30), np.diff(indptr)), indices] = 1.0
-    norms = np.linalg.norm(dense, axis=0)
-    expected = (dense.T @ dense) / np.maximum(np.outer(norms, norms), 1e-12)
-    np.fill_diagonal(expected, 0.0)
-    np.testing.assert_allclose(item_cosine(indptr, indices, 25), expected, atol=1e-6)
-
-
 def test_item_knn_ranks_by_summed_similarity_to_the_customers_items():
     model = _artifact("item_knn")
     indptr, indices, counts = model.user_items
     items, scores, _ = recommend_from_counts(model, indptr, indices, counts, 5, True)
-    similarity = item_cosine(indptr, indices, model.n_items)
+    similarity = item_neighbours_of(model).toarray()       # no stored table: every neighbour, built once
     for user in np.flatnonzero(np.diff(indptr) > 0)[:10]:
         bought = indices[indptr[user]:indptr[user + 1]]
         expected = similarity[bought].sum(axis=0)
         expected[bought] = -np.inf
-        np.testing.assert_allclose(scores[user], np.sort(expected)[::-1][:5], rtol=1e-5)
+        listed = scores[user][scores[user] > 0]
+        np.testing.assert_allclose(listed, np.sort(expected)[::-1][:len(listed)], rtol=1e-5)
         assert not set(items[user]) & set(bought)
+
+
+def test_item_knn_scores_with_the_stored_table_when_the_version_has_one():
+    model = _artifact("item_knn")
+    indptr, indices, counts = model.user_items
+    model.params.update(KnnParams(neighbours=2).as_params())
+    built = item_neighbours_of(model)
+    stored = _artifact("item_knn")
+    stored.params.update(KnnParams(neighbours=2).as_params())
+    stored.item_neighbours = built.copy()
+    stored.item_neighbours.data[:] = 1.0                    # a different table: the stored one must be used
+    assert not np.array_equal(recommend_from_counts(stored, indptr, indices, counts, 5, True)[1],
+                              recommend_from_counts(model, indptr, indices, counts, 5, True)[1])
 
 
 @pytest.mark.parametrize("model_type", ["als", "blend", "popularity", "item_knn"])
