@@ -73,31 +73,33 @@ def metrics_from_sums(sums: Mapping[str, float], distinct_items: int, k: int, n_
 def candidate_table_on_executors(train, test, base: ModelArtifact, candidates: list[Candidate], k: int,
                                  exclude_purchased: bool, popularity: ItemPopularity,
                                  item_factors: np.ndarray | None = None, partitions: int | None = None,
-                                 n_users: int | None = None) -> dict[str, dict[str, float]]:
+                                 n_users: int | None = None, tables: dict | None = None) -> dict[str, dict[str, float]]:
     """``job._candidate_table`` for the same split and fit: every candidate's metrics by name.
 
     ``base`` is the item side of the fit (``candidates.scoring_artifact`` without users),
     ``popularity`` train's; ``item_factors`` (the job passes the fit's) adds diversity.
     ``partitions`` defaults to one per ``CUSTOMERS_PER_PARTITION`` training customers
     (``popularity.n_customers``: known without another Spark job). ``n_users`` (the indexed
-    customers, for item-kNN's sampling stride) defaults to ``popularity.n_customers``.
+    customers, for item-kNN's sampling stride) defaults to ``popularity.n_customers``. ``tables``
+    keeps the item-kNN neighbour tables of this ``train`` across calls (the job passes one dict per
+    split: a table costs more than a scoring pass).
     """
     score = partial(_score_candidates, candidates=list(candidates), k=k, exclude_purchased=exclude_purchased)
     names = list(dict.fromkeys(c.name for c in candidates))
-    return _evaluate(train, _relevant_rows(test, exclude_purchased), _item_side(base, train, candidates, n_users or popularity.n_customers),
+    return _evaluate(train, _relevant_rows(test, exclude_purchased), _item_side(base, train, candidates, n_users or popularity.n_customers, tables),
                      score, names, k, popularity, item_factors, partitions)
 
 
 def buy_again_table_on_executors(train, test, base: ModelArtifact, k: int, selected: Candidate,
                                  popularity: ItemPopularity, partitions: int | None = None,
-                                 n_users: int | None = None) -> dict[str, dict]:
+                                 n_users: int | None = None, tables: dict | None = None) -> dict[str, dict]:
     """``job._evaluate_buy_again``: the buy-again lists of the selected model, ALS and popularity
     against the held-out repurchases; {} when the split holds out none (the random split)."""
     from pyspark.sql import functions as F
 
     scored = list(dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]))
     score = partial(_score_buy_again, candidates=scored, k=k)
-    table = _evaluate(train, test.where(F.col("repurchase")), _item_side(base, train, scored, n_users or popularity.n_customers), score,
+    table = _evaluate(train, test.where(F.col("repurchase")), _item_side(base, train, scored, n_users or popularity.n_customers, tables), score,
                       [f"buy_again({c.name})" for c in scored], k, popularity, None, partitions)
     return table if any(metrics["users"] for metrics in table.values()) else {}
 
@@ -154,7 +156,8 @@ def _evaluate(train, relevant_rows, item_side: ModelArtifact, score: Callable, n
     added by Spark; the driver receives a row per candidate."""
     from pyspark.sql import functions as F
 
-    customers = _customer_frame(train, relevant_rows, partitions or partitions_for(popularity.n_customers, CUSTOMERS_PER_PARTITION))
+    customers = _customer_frame(train, relevant_rows, partitions or partitions_for(
+        popularity.n_customers, CUSTOMERS_PER_PARTITION, train.sparkSession))
     shared = train.sparkSession.sparkContext.broadcast((item_side, popularity, item_factors))
     try:
         rows = (customers.mapInPandas(partial(_task, shared=shared, score=score, k=k), SUMS_SCHEMA)
@@ -183,16 +186,20 @@ def _customer_frame(train, relevant_rows, partitions: int):
             .repartition(partitions, "user"))
 
 
-def _item_side(base: ModelArtifact, train, candidates: list[Candidate], n_users: int) -> ModelArtifact:
+def _item_side(base: ModelArtifact, train, candidates: list[Candidate], n_users: int,
+               tables: dict | None = None) -> ModelArtifact:
     """``base`` to ship, with each item-kNN candidate's neighbour table of all of train: a task's
     artifact holds only its own customers' counts, from which the scorer would build it."""
     shipped = copy.copy(base)
     # models.scorers keeps its per-artifact precomputations here; the tasks' copies share it.
     shipped._scorer_cache = {}
+    tables = {} if tables is None else tables
     for candidate in candidates:
         if candidate.model_type == "item_knn":
-            knn = KnnParams.from_params(candidate.params())
-            shipped._scorer_cache[neighbours_key(knn)] = item_neighbours_on_executors(train, n_users, base.n_items, knn)
+            key = neighbours_key(KnnParams.from_params(candidate.params()))
+            if key not in tables:
+                tables[key] = item_neighbours_on_executors(train, n_users, base.n_items, key[1])
+            shipped._scorer_cache[key] = tables[key]
     return shipped
 
 

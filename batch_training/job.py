@@ -229,7 +229,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     log.info("per-customer work on the %s (batch.topk_engine=%s, %s customers; batch.executor_min_customers=%s)",
              "executors" if on_executors else "driver", cfg.get_path("batch.topk_engine"), f"{n_users:,}",
              f"{int(cfg.get_path('batch.executor_min_customers')):,}")
-    partitions = partitions_for(n_users, int(cfg.get_path("batch.customers_per_partition"))) if on_executors else None
+    partitions = partitions_for(n_users, int(cfg.get_path("batch.customers_per_partition")), spark) \
+        if on_executors else None
     most_evaluated = cfg.get_path("batch.holdout.max_evaluated_customers")
     chosen, selected, cv_summary = base, scorers[0], []
     folds_k = int(cfg.get_path("batch.cv_folds", 5))
@@ -494,6 +495,7 @@ class _Split:
 
     def __init__(self, train, test, n_users: int, n_items: int, partitions: int | None = None):
         self.train, self.test, self.n_users, self.n_items, self.partitions = train, test, n_users, n_items, partitions
+        self.neighbour_tables: dict = {}     # item-kNN's, built once per split on the executor path
         self.purchased = PairArrays.empty() if partitions else PairArrays.collect(train, n_users)
         self.popularity = item_popularity(train, n_items)
         self._relevant: dict[bool, tuple] = {}
@@ -522,7 +524,8 @@ def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
     """Every candidate's metrics on one split, all scored from the same training counts and fit."""
     if split.on_executors:
         return candidate_table_on_executors(split.train, split.test, split.artifact(factors), candidates, k, exclude,
-                                            split.popularity, factors.item_factors, split.partitions, split.n_users)
+                                            split.popularity, factors.item_factors, split.partitions, split.n_users,
+                                            split.neighbour_tables)
     users, relevant = split.relevant(exclude)
     lists = recommend_candidates(split.artifact(factors), candidates, users, k, exclude)
     return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
@@ -575,7 +578,7 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
 
     if split.on_executors:
         table = buy_again_table_on_executors(split.train, split.test, split.artifact(factors), k, selected,
-                                             split.popularity, split.partitions, split.n_users)
+                                             split.popularity, split.partitions, split.n_users, split.neighbour_tables)
         if table:
             log.info("buy-again lists on the held-out repurchases:\n%s", format_metrics_table(table))
         return table

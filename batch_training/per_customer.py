@@ -46,9 +46,11 @@ def use_executors(cfg: Config, n_users: int) -> bool:
     return engine == "spark"
 
 
-def partitions_for(n_users: int, per_partition: int) -> int:
-    """Enough partitions that a task never holds more than ``per_partition`` customers."""
-    return max(1, math.ceil(n_users / max(1, per_partition)))
+def partitions_for(n_users: int, per_partition: int, spark=None) -> int:
+    """Enough partitions that a task never holds more than ``per_partition`` customers, and, given
+    the session, at least two per core (fewer left cores idle: one task scored a small base alone)."""
+    cores = 2 * spark.sparkContext.defaultParallelism if spark is not None else 1
+    return max(1, cores, math.ceil(n_users / max(1, per_partition)))
 
 
 def customer_frame(indexed, customers, partitions: int, user_factors=None):
@@ -248,7 +250,7 @@ def run_on_executors(spark, cfg: Config, indexed, maps, artifact, user_factors_d
     from models.records import now_ms
     from streaming.settings import duration_ms
 
-    partitions = partitions_for(maps.n_users, int(cfg.get_path("batch.customers_per_partition")))
+    partitions = partitions_for(maps.n_users, int(cfg.get_path("batch.customers_per_partition")), spark)
     settings = TaskSettings(version=artifact.version, k=k, exclude_purchased=exclude,
                             use_factors=user_factors_df is not None and artifact.model_type == "als",
                             outage_tolerance_ms=duration_ms(cfg.get_path("batch.sink_outage_tolerance"),

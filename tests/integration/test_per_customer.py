@@ -97,7 +97,7 @@ def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepare
     _assert_same_lists(driver, executors)
     assert outputs.written == p["maps"].n_users
     # Several tasks did the work: the sample's customers in partitions of at most 60.
-    assert len(outputs.user_parts) == partitions_for(p["maps"].n_users, 60) > 1
+    assert len(outputs.user_parts) == partitions_for(p["maps"].n_users, 60, spark) > 1
     outputs.scored.unpersist()
 
 
@@ -147,6 +147,13 @@ def test_the_stored_user_side_is_the_drivers_and_the_files_are_readable(spark, c
     assert first["recommendations"].split(" ") == list(driver_lists["recommendations"].iloc[0])
     assert [float(s) for s in first["scores"].split(" ")] == pytest.approx(driver_lists["scores"].iloc[0], abs=1e-6)
     outputs.scored.unpersist()
+
+
+def test_a_small_base_still_gets_two_partitions_per_core(spark):
+    cores = spark.sparkContext.defaultParallelism
+    assert partitions_for(10, 20_000, spark) == 2 * cores
+    assert partitions_for(10 * 20_000 * cores, 20_000, spark) == 10 * cores     # the size rules above that
+    assert partitions_for(10, 20_000) == 1
 
 
 def test_auto_takes_the_executors_from_the_configured_size(cfg):
