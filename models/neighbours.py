@@ -106,8 +106,6 @@ def bm25_weights(matrix, k1: float, b: float):
 def item_neighbours(indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, n_items: int,
                     params: KnnParams):
     """The neighbour table (float32 CSR [n_items, n_items]) of these customers' purchases."""
-    import scipy.sparse as sp
-
     matrix = purchase_matrix(indptr, indices, counts, n_items, params.weighting)
     stride = params.stride(matrix.shape[0])
     if stride > 1:
@@ -115,21 +113,18 @@ def item_neighbours(indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
     if params.weighting == "bm25":
         matrix = bm25_weights(matrix, params.k1, params.b)
     by_item = matrix.T.tocsr()
-    buyers = np.diff(by_item.indptr).astype(np.float64)
-    per_row = np.diff(by_item.indptr)
-    blocks, begin = [], 0
-    while begin < n_items:
-        # Rows until the block's co-occurrence (bounded by buyers x their purchases) fills the budget.
-        cost = np.cumsum(per_row[begin:].astype(np.int64) * max(1, int(matrix.nnz / max(matrix.shape[0], 1))))
-        end = begin + max(1, int(np.searchsorted(cost, _BUILD_BUDGET, side="right")))
+    buyers = np.diff(by_item.indptr).astype(np.int64)
+    # A product row's co-occurrence: at most its buyers times their mean basket.
+    mean_basket = max(1, int(matrix.nnz / max(matrix.shape[0], 1)))
+    blocks = []
+    for begin, end in _budget_blocks(buyers * mean_basket, _BUILD_BUDGET):
         co = (by_item[begin:end] @ matrix).tocsr()
         co.sort_indices()
         co = co.tocoo()
         rows, cols, values = co.row.astype(np.int64) + begin, co.col.astype(np.int64), co.data
         if params.weighting == "cosine":
-            values = values / np.sqrt(buyers[rows] * buyers[cols])
+            values = values / np.sqrt(buyers[rows].astype(np.float64) * buyers[cols])
         blocks.append(top_per_row(rows, cols, values, params.neighbours))
-        begin = end
     rows, cols, values = (np.concatenate(parts) for parts in zip(*blocks)) if blocks else \
         (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     return from_triplets(rows, cols, values, n_items)
@@ -225,14 +220,20 @@ def knn_pair_scores(table, indptr: np.ndarray, indices: np.ndarray, counts: np.n
 
 def _customer_blocks(table, indptr: np.ndarray, indices: np.ndarray):
     """(begin, end) ranges of customers whose score rows hold about ``_SCORE_BUDGET`` entries."""
-    n_users = len(indptr) - 1
     row_len = np.diff(table.indptr).astype(np.int64)
     entries = np.where(indices >= 0, row_len[np.clip(indices, 0, None)], 0) if len(indices) else np.zeros(0, np.int64)
-    per_user = np.diff(np.r_[0, np.cumsum(entries)][indptr])
+    return _budget_blocks(np.diff(np.r_[0, np.cumsum(entries)][indptr]), _SCORE_BUDGET)
+
+
+def _budget_blocks(cost: np.ndarray, budget: int):
+    """Consecutive (begin, end) ranges of rows whose summed ``cost`` stays within ``budget`` (a row
+    over it alone makes a range of one)."""
+    total = np.r_[0, np.cumsum(cost)]
     begin = 0
-    while begin < n_users:
-        end = begin + max(1, int(np.searchsorted(np.cumsum(per_user[begin:]), _SCORE_BUDGET, side="right")))
-        yield begin, min(end, n_users)
+    while begin < len(cost):
+        end = int(np.searchsorted(total, total[begin] + budget, side="right")) - 1
+        end = min(len(cost), max(begin + 1, end))
+        yield begin, end
         begin = end
 
 
