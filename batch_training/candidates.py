@@ -16,7 +16,7 @@ import numpy as np
 
 from models.artifact import ModelArtifact
 from models.neighbours import WEIGHTINGS, KnnParams
-from models.scorers import MODEL_TYPES, needs_vectors, recommend_from_counts, user_vectors
+from models.scorers import MODEL_TYPES, give_neighbours, needs_vectors, recommend_from_counts, user_vectors
 
 log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("als", "blend", "popularity", "item_knn")
@@ -77,6 +77,18 @@ def candidates_from_config(cfg) -> list[Candidate]:
         else:
             result.append(Candidate(model_type))
     return result
+
+
+def seed_neighbour_tables(artifact: ModelArtifact, candidates: list[Candidate], tables: dict, build) -> None:
+    """Give ``artifact`` each item-kNN candidate's neighbour table, from ``tables`` or built once by
+    ``build(params)`` and kept there: a table does not depend on the ALS fit, so one per split serves
+    every pass and fit scored on it."""
+    for candidate in candidates:
+        if candidate.model_type == "item_knn":
+            params = KnnParams.from_params(candidate.params())
+            if params not in tables:
+                tables[params] = build(params)
+            give_neighbours(artifact, params, tables[params])
 
 
 def scoring_artifact(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,

@@ -28,13 +28,13 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from batch_training.candidates import Candidate, as_candidate, recommend_candidates
+from batch_training.candidates import Candidate, as_candidate, recommend_candidates, seed_neighbour_tables
 from batch_training.evaluation import Csr, ItemPopularity, _relevant_rows
 from batch_training.metrics import PADDING, RANKING_METRICS, intra_list_diversity, novelty, ranking_metrics
 from batch_training.per_customer import partitions_for
 from models.artifact import ModelArtifact
 from models.neighbours import KnnParams
-from models.scorers import buy_again, neighbours_key, user_vectors
+from models.scorers import buy_again, user_vectors
 
 CUSTOMERS_PER_PARTITION = 10_000
 # users: customers with a relevant item; listed / diverse: lists with >= 1 / >= 2 items.
@@ -193,13 +193,8 @@ def _item_side(base: ModelArtifact, train, candidates: list[Candidate], n_users:
     shipped = copy.copy(base)
     # models.scorers keeps its per-artifact precomputations here; the tasks' copies share it.
     shipped._scorer_cache = {}
-    tables = {} if tables is None else tables
-    for candidate in candidates:
-        if candidate.model_type == "item_knn":
-            key = neighbours_key(KnnParams.from_params(candidate.params()))
-            if key not in tables:
-                tables[key] = item_neighbours_on_executors(train, n_users, base.n_items, key[1])
-            shipped._scorer_cache[key] = tables[key]
+    seed_neighbour_tables(shipped, candidates, {} if tables is None else tables,
+                          lambda params: item_neighbours_on_executors(train, n_users, base.n_items, params))
     return shipped
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from models.neighbours import KnnParams
 from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
-                                       knn_from_config, scoring_artifact, select_model, PARAMETER_FREE)
+                                       knn_from_config, scoring_artifact, seed_neighbour_tables, select_model,
+                                       PARAMETER_FREE)
 from batch_training.data import COUNT_MODES, DataSourceError, aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
@@ -34,6 +34,7 @@ from batch_training.report import write_report
 from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
 from models.config import Config, ConfigError
+from models.neighbours import KnnParams, item_neighbours
 from models.scorers import needs_vectors
 from models.scoring import SCALINGS
 
@@ -495,7 +496,7 @@ class _Split:
 
     def __init__(self, train, test, n_users: int, n_items: int, partitions: int | None = None):
         self.train, self.test, self.n_users, self.n_items, self.partitions = train, test, n_users, n_items, partitions
-        self.neighbour_tables: dict = {}     # item-kNN's, built once per split on the executor path
+        self.neighbour_tables: dict = {}     # item-kNN's by KnnParams, built once per split
         self.purchased = PairArrays.empty() if partitions else PairArrays.collect(train, n_users)
         self.popularity = item_popularity(train, n_items)
         self._relevant: dict[bool, tuple] = {}
@@ -512,11 +513,15 @@ class _Split:
             self._relevant[exclude] = (users, relevant_sets(self.test, users, exclude))
         return self._relevant[exclude]
 
-    def artifact(self, factors: Factors):
-        """A throw-away artifact over the split's training counts (none on the executor path) and the fit."""
-        return scoring_artifact(factors.item_factors, self.purchased.indptr, self.purchased.indices,
-                                self.purchased.counts, self.popularity.buyers.astype(np.float64),
-                                factors.params.as_dict())
+    def artifact(self, factors: Factors, candidates: list[Candidate] = ()):
+        """A throw-away artifact over the split's training counts (none on the executor path) and the
+        fit, given the item-kNN tables of ``candidates`` (driver path; built once per split)."""
+        artifact = scoring_artifact(factors.item_factors, self.purchased.indptr, self.purchased.indices,
+                                    self.purchased.counts, self.popularity.buyers.astype(np.float64),
+                                    factors.params.as_dict())
+        seed_neighbour_tables(artifact, list(candidates), self.neighbour_tables, lambda params: item_neighbours(
+            self.purchased.indptr, self.purchased.indices, self.purchased.counts, self.n_items, params))
+        return artifact
 
 
 def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
@@ -527,7 +532,7 @@ def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
                                             split.popularity, factors.item_factors, split.partitions, split.n_users,
                                             split.neighbour_tables)
     users, relevant = split.relevant(exclude)
-    lists = recommend_candidates(split.artifact(factors), candidates, users, k, exclude)
+    lists = recommend_candidates(split.artifact(factors, candidates), candidates, users, k, exclude)
     return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
             for name, recs in lists.items()}
 
@@ -588,11 +593,12 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
         log.info("buy-again: no held-out repurchases on this split (the random split holds out new products only)")
         return {}
     relevant = relevant_sets(repurchases, users, False)
-    base = split.artifact(factors)
+    scored = list(dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]))
+    base = split.artifact(factors, scored)
     indptr, indices, counts = base.user_items_of(users)
     vectors = user_vectors(base, indptr, indices, counts)   # one fold-in for every candidate of this fit
     table = {}
-    for candidate in dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]):
+    for candidate in scored:
         lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k, vectors=vectors)
         table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, split.n_items, split.popularity)
     log.info("buy-again lists on the held-out repurchases (%s customers):\n%s", f"{users.size:,}",

@@ -224,15 +224,20 @@ def item_neighbours_of(artifact):
         return artifact.item_neighbours
     params = knn_params(artifact)
     cache = _cache(artifact)
-    key = neighbours_key(params)
+    key = _neighbours_key(params)
     if key not in cache:
         trained_indptr, trained_indices, trained_counts = artifact.user_items
         cache[key] = item_neighbours(trained_indptr, trained_indices, trained_counts, artifact.n_items, params)
     return cache[key]
 
 
-def neighbours_key(params: KnnParams) -> tuple:
-    """Where ``item_neighbours_of`` caches a table built with ``params`` (or finds one put there)."""
+def give_neighbours(artifact, params: KnnParams, table) -> None:
+    """Let ``item_neighbours_of`` find ``table`` for ``params`` on this artifact (and its shallow
+    copies) instead of building it from the artifact's own purchases."""
+    _cache(artifact)[_neighbours_key(params)] = table
+
+
+def _neighbours_key(params: KnnParams) -> tuple:
     return ("neighbours", params)
 
 

@@ -137,3 +137,17 @@ def test_the_result_does_not_depend_on_the_number_of_partitions(holdout):
     again = [buy_again_table_on_executors(split.train, split.test, base, K, Candidate("als"), split.popularity,
                                           partitions=n) for n in (1, 7)]
     assert_same(again[1], again[0])
+
+
+def test_a_split_builds_each_neighbour_table_once_for_every_pass_and_fit(holdout):
+    """The table does not depend on the ALS fit: the driver path's passes (purchases excluded and
+    included, the buy-again table) and every fit scored on the split share one build."""
+    factors, split, _ = holdout
+    split.neighbour_tables.clear()
+    job._candidate_table(factors, split, K, True, CANDIDATES)
+    tables = dict(split.neighbour_tables)
+    job._candidate_table(factors, split, K, False, CANDIDATES)
+    job._evaluate_buy_again(factors, split, K, Candidate("item_knn"))
+    assert len(tables) == 2                                   # cosine (every neighbour) and bm25 top-5
+    assert split.neighbour_tables.keys() == tables.keys()
+    assert all(split.neighbour_tables[key] is table for key, table in tables.items())
