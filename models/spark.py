@@ -26,6 +26,23 @@ def connector_jars(cfg: Config) -> list[Path]:
     return jars
 
 
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def single_threaded_blas() -> None:
+    """One BLAS thread for the processes started from here on (an explicit setting wins).
+
+    Spark's tasks are the parallelism: OpenBLAS' own threads, one set per concurrent call, fight
+    them for the cores and spin. Spark sets OMP_NUM_THREADS for the executors it launches on a
+    cluster, but a local master's executor is the driver JVM, started from this process. Measured
+    there: a rank-128 ALS fit at factor 1 took 539 s with OpenBLAS' default threads, 120 s with one
+    (half the CPU time was spent in the kernel). Call it before numpy is imported where the Python
+    side should be single-threaded too (numpy reads these once, when it loads OpenBLAS).
+    """
+    for name in BLAS_THREAD_VARIABLES:
+        os.environ.setdefault(name, "1")
+
+
 def build_spark(cfg: Config, app_name: str, need_kafka: bool = True):
     """Get or create the SparkSession for ``app_name`` as configured."""
     from pyspark.sql import SparkSession
@@ -33,6 +50,7 @@ def build_spark(cfg: Config, app_name: str, need_kafka: bool = True):
     # Python workers must run the interpreter that has the project's packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    single_threaded_blas()      # before the JVM starts: in local mode it runs the ALS solves
     builder = SparkSession.builder.appName(app_name)
     if not _launched_by_spark_submit():
         builder = (builder.master(str(cfg.get_path("spark.master")))

@@ -10,14 +10,6 @@ RECO__... environment overrides. Exit codes: 0 stopped on request (or --availabl
 """
 from __future__ import annotations
 
-import os
-
-# The driver scores each micro-batch with many small solves and one matrix product: on a few cores
-# shared with the Spark tasks, OpenBLAS' own threads fight them and run 2-4x slower (measured).
-# Set before numpy is imported; an explicit setting in the environment wins.
-for _blas_threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_blas_threads, "1")
-
 import argparse
 import logging
 import signal
@@ -28,6 +20,13 @@ if __package__ in (None, ""):  # run as a file by spark-submit: import the packa
     _here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
+
+from models.spark import single_threaded_blas  # noqa: E402
+
+# The driver scores each micro-batch with many small solves and one matrix product: on a few cores
+# shared with the Spark tasks, OpenBLAS' own threads fight them and run 2-4x slower (measured).
+# Set before numpy is imported.
+single_threaded_blas()
 
 from models.config import ConfigError, config_text, load_config  # noqa: E402
 from models.logging_setup import setup_logging  # noqa: E402

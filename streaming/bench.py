@@ -28,8 +28,9 @@ import os
 # The driver scores each micro-batch with many small solves and one matrix product: on a few cores
 # shared with the Spark tasks, OpenBLAS' own threads fight them and run 2-4x slower (measured).
 # Set before numpy is imported; an explicit setting in the environment wins.
-for _blas_threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_blas_threads, "1")
+from models.spark import single_threaded_blas  # noqa: E402
+
+single_threaded_blas()
 
 import argparse
 import json

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,10 +300,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the published version's recommendations.parquet (default "
                              "<batch.output_dir>/versions/<version>/recommendations.parquet)")
     args = parser.parse_args(argv)
-    # The fold-in is many small solves per task: BLAS threads would fight the tasks for the cores.
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
-
     from models.config import load_config
     from models.logging_setup import setup_logging
     from models.spark import build_spark
