@@ -16,7 +16,8 @@ import numpy as np
 
 from models.artifact import ModelArtifact
 from models.neighbours import WEIGHTINGS, KnnParams
-from models.scorers import MODEL_TYPES, give_neighbours, needs_vectors, recommend_from_counts, user_vectors
+from models.scorers import (MODEL_TYPES, best_scores, give_neighbours, needs_vectors, recommend_from_counts,
+                            user_vectors)
 
 log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("als", "blend", "popularity", "item_knn")
@@ -117,8 +118,11 @@ def recommend_candidates(base: ModelArtifact, candidates: list[Candidate], users
     # The ALS-based candidates share one fit, hence one fold-in of these customers.
     vectors = user_vectors(base, indptr, indices, counts) if any(
         needs_vectors(c.model_type) for c in candidates) else None
+    # ... and every blend weight one scale (each customer's best ALS score), computed once.
+    best = best_scores(vectors, base.item_factors) if any(c.model_type == "blend" for c in candidates) else None
     return {c.name: recommend_from_counts(as_candidate(base, c), indptr, indices, counts, k,
-                                          exclude_purchased, vectors=vectors)[0] for c in candidates}
+                                          exclude_purchased, vectors=vectors, vector_max=best)[0]
+            for c in candidates}
 
 
 def select_model(results, candidates: list[Candidate], metric: str, min_lift: float,
@@ -129,17 +133,21 @@ def select_model(results, candidates: list[Candidate], metric: str, min_lift: fl
     holding every scorer's metrics). A personalised winner must beat popularity's mean by
     ``min_lift``, otherwise popularity is chosen, as the publish gate would refuse it anyway.
     Ties go to the earlier parameter set, then the earlier scorer. Returns
-    ``(params, candidate, rows)`` with one row per pair, best first, for the log and the report.
+    ``(params, candidate, rows)`` with one row per pair, best first, for the log and the report
+    (pairs whose ALS parameters a CV race stopped early come last).
     """
     sign = -1.0 if lower_is_better else 1.0
+    folds = max((len(result.fold_metrics) for result in results), default=0)
+    first_complete = next((p_no for p_no, result in enumerate(results) if len(result.fold_metrics) == folds), 0)
     rows = [{"params": result.params, "candidate": candidate, "mean": result.mean(metric, candidate.name),
-             "sd": result.sd(metric, candidate.name), "order": (p_no, c_no)}
+             "sd": result.sd(metric, candidate.name), "folds": len(result.fold_metrics), "order": (p_no, c_no)}
             for p_no, result in enumerate(results) for c_no, candidate in enumerate(candidates)
             if candidate.name in result.scorers()
-            and (p_no == 0 or candidate.model_type not in PARAMETER_FREE)]   # the same under every ALS fit
+            and (p_no == first_complete or candidate.model_type not in PARAMETER_FREE)]   # the same under every fit
     if not rows:
         raise ValueError("cross-validation produced no metrics: no candidate was scored")
-    rows.sort(key=lambda row: (-_finite(sign * row["mean"]), row["order"]))
+    # A set the race stopped early is listed, not chosen: its mean is over fewer folds.
+    rows.sort(key=lambda row: (row["folds"] < folds, -_finite(sign * row["mean"]), row["order"]))
     best = rows[0]
     if best["candidate"].model_type != "popularity" and not lower_is_better:
         popular = [row for row in rows if row["candidate"].model_type == "popularity"]

@@ -31,7 +31,7 @@ from batch_training.executor_eval import buy_again_table_on_executors, candidate
 from batch_training.per_customer import (partitions_for, run_on_executors, seed_item_neighbours, use_executors,
                                          write_sinks)
 from batch_training.report import write_report
-from batch_training.train import (AlsParams, Factors, PairArrays, counts_as_ratings, cross_validate, fit_als,
+from batch_training.train import (AlsParams, Factors, PairArrays, Race, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
 from models.config import Config, ConfigError
 from models.neighbours import KnnParams, item_neighbours
@@ -99,7 +99,7 @@ def _check_als(params: AlsParams, where: str) -> None:
     def whole(value) -> bool:     # as Spark's own check: 8 and 8.0, not 8.5, "8" or true
         return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
 
-    problems = [f"{name}={getattr(params, name)!r} (a whole number >= 1)" for name in ("rank", "max_iter", "blocks")
+    problems = [f"{name}={getattr(params, name)!r} (a whole number >= 1)" for name in ("rank", "max_iter", "blocks", "min_item_customers")
                 if not whole(getattr(params, name)) or getattr(params, name) < 1]
     problems += [f"{name}={getattr(params, name)!r} (a number >= 0)" for name in ("reg_param", "alpha")
                  if not isinstance(getattr(params, name), (int, float)) or isinstance(getattr(params, name), bool)
@@ -147,6 +147,10 @@ def check_settings(cfg: Config) -> AlsParams:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{key} {value!r}: use a whole number >= {least}")
+    race = cfg.get_path("batch.cv_race_tolerance")
+    if race is not None and (isinstance(race, bool) or not isinstance(race, (int, float)) or not 0 <= race < 1):
+        raise ConfigError(f"batch.cv_race_tolerance {race!r}: use a fraction in [0, 1), e.g. 0.02, or null "
+                          "(every ALS candidate on every fold)")
     from streaming.settings import duration_ms
 
     for key in ("batch.sink_outage_tolerance", "streaming.max_future_skew"):
@@ -234,13 +238,14 @@ def run(cfg: Config, spark=None) -> BatchResult:
         if on_executors else None
     most_evaluated = cfg.get_path("batch.holdout.max_evaluated_customers")
     chosen, selected, cv_summary = base, scorers[0], []
-    folds_k = int(cfg.get_path("batch.cv_folds", 5))
+    folds_k = int(cfg.get_path("batch.cv_folds"))
     grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
     if folds_k >= 2 and (len(grid) > 1 or len(scorers) > 1):
         stages.start(f"cross-validation ({folds_k} folds x {len(grid)} ALS candidates x {len(scorers)} scorers)")
         fold_scorer = _fold_scorer(k, exclude, metric, n_users, n_items, scorers, partitions, most_evaluated)
         results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), grid, n_users, n_items,
-                                 fold_scorer, metric, collect_users=metric == "rmse" or not on_executors)
+                                 fold_scorer, metric, collect_users=metric == "rmse" or not on_executors,
+                                 race=_race(cfg, metric, scorers))
         chosen, selected, rows = select_model(results, scorers, metric,
                                               float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1)),
                                               lower_is_better=metric in LOWER_IS_BETTER)
@@ -454,16 +459,26 @@ def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int,
     return score
 
 
+def _race(cfg: Config, metric: str, scorers: list[Candidate]) -> Race | None:
+    """The CV race of ``batch.cv_race_tolerance`` (null: every candidate on every fold)."""
+    tolerance = cfg.get_path("batch.cv_race_tolerance")
+    if tolerance is None:
+        return None
+    free = {c.name for c in scorers if c.model_type in PARAMETER_FREE}
+    return Race(metric, float(tolerance), lambda name: name not in free, lower_is_better=metric in LOWER_IS_BETTER)
+
+
 def _log_cv(rows: list[dict], metric: str, k: int, folds: int) -> list[dict]:
     """Log the cross-validation ranking (best first) and return it for the report."""
-    lines = [f"{'model':<22} {'ALS parameters':<44} {f'mean {metric}@{k}':>12} {'sd':>8}"]
+    lines = [f"{'model':<22} {'ALS parameters':<44} {f'mean {metric}@{k}':>12} {'sd':>8} {'folds':>6}"]
     lines += [f"{row['candidate'].name:<22} "
               f"{'(no ALS)' if row['candidate'].model_type in PARAMETER_FREE else row['params'].label():<44} "
-              f"{row['mean']:>12.4f} {row['sd']:>8.4f}" for row in rows]
-    log.info("%d-fold cross-validation, best first:\n%s", folds, "\n".join(lines))
+              f"{row['mean']:>12.4f} {row['sd']:>8.4f} {row['folds']:>6}" for row in rows]
+    log.info("%d-fold cross-validation, best first (fewer folds: stopped by the race):\n%s", folds,
+             "\n".join(lines))
     return [{"model": row["candidate"].name, f"mean_{metric}": row["mean"],
              "params": None if row["candidate"].model_type in PARAMETER_FREE else row["params"].as_dict(),
-             f"sd_{metric}": row["sd"]} for row in rows]
+             f"sd_{metric}": row["sd"], "folds": row["folds"]} for row in rows]
 
 
 def _folded_final(holdout: Factors, all_pairs: PairArrays) -> Factors:

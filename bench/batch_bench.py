@@ -22,7 +22,7 @@ Parts (``--parts``, default: all, in this order):
 * ``datasets``   Online Retail and Groceries, random and time splits (needs ``--datasets-dir``): our
                  job at its defaults (CV over the ALS grid and the scorers) and the original approach;
                  the published model beside popularity, item-kNN and ALS.
-* ``grid``       our job at its default grid (5-fold CV over `batch.grid` (rank x alpha) x the scorers).
+* ``grid``       our job at its default grid (`batch.cv_folds`-fold CV, raced, over `batch.grid` x the scorers).
 
 Usage: ``python bench/batch_bench.py --factor 1 [--datasets-dir DIR] [--parts ours,topk]``.
 Results: ``<out>/batch_f<factor>.json`` and ``<out>/batch_f<factor>.md``.
@@ -623,7 +623,7 @@ def report(results: dict[str, Any]) -> str:
     for name, title in (("ours", "Our job, no CV (raw file to published model)"),
                         ("ours_fold_in", "Our job, no CV, final model by fold-in (one ALS fit)"),
                         ("original", "Original approach (explicit ALS, 5-fold CV x 2 regParam, recommendForAllUsers)"),
-                        ("grid", "Our job at its default grid (5-fold CV)")):
+                        ("grid", "Our job at its default grid (k-fold CV, raced)")):
         if name in parts:
             part = parts[name]
             lines += [f"#### {title}", "", f"`{' '.join(part['command'])}` (exit {part['exit_code']}; "

@@ -37,13 +37,15 @@ SEGMENT_POPULARITY = "segment_popularity"
 
 def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int,
                           exclude_purchased: bool, segments=None,
-                          vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                          vectors: np.ndarray | None = None,
+                          vector_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Top-k per customer from their full purchase counts (CSR over the artifact's item index).
 
     ``segments`` (optional, one per customer, None when unknown) picks the popularity list of the
     customers who get one. ``vectors`` are ``user_vectors`` of the same counts when the caller
     already has them (the fold-in is the costly part; the buy-again list and other scorers of the
-    same ALS fit reuse it). Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
+    same ALS fit reuse it); ``vector_max`` their best ALS score over all items (``best_scores``),
+    which every blend weight needs. Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
     -1/NaN pad short lists.
     """
     model_type = artifact.model_type
@@ -63,7 +65,8 @@ def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, cou
         sub = _rows(indptr, indices, counts, rows)
         excluded = sub[:2] if exclude_purchased else None
         item_idx[rows], scores[rows] = _personal_top_k(artifact, *sub, k, excluded,
-                                                       None if vectors is None else vectors[rows])
+                                                       None if vectors is None else vectors[rows],
+                                                       None if vector_max is None else vector_max[rows])
     strategies = np.where(personal, PERSONALIZED, POPULARITY).astype(object)
     by_segment = _segment_rows(artifact, segments, np.flatnonzero(~personal))
     for popularity, fallback, strategy in by_segment:
@@ -109,7 +112,7 @@ def _segment_rows(artifact, segments, fallback: np.ndarray):
     return groups
 
 
-def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None):
+def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None, vector_max=None):
     if artifact.model_type == "item_knn":
         return _knn_top_k(artifact, indptr, indices, counts, k, excluded)
     if vectors is None:
@@ -117,7 +120,7 @@ def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None
     if artifact.model_type == "als":
         return scoring.top_k(vectors, artifact.item_factors, k, exclude=excluded)
     weight = float(artifact.params.get("blend_weight", 1.0))
-    users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight)
+    users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight, best=vector_max)
     return scoring.top_k(users, items, k, exclude=excluded)
 
 
@@ -138,14 +141,24 @@ def user_vectors(artifact, indptr, indices, counts) -> np.ndarray:
                            float(params["alpha"]), implicit=implicit, gram=cache.get("gram"))
 
 
+def best_scores(user_vectors: np.ndarray, item_factors: np.ndarray) -> np.ndarray:
+    """Each customer's highest ALS score over the whole catalogue (the blend's scale)."""
+    users = np.asarray(user_vectors, dtype=np.float32)
+    if not len(users):
+        return np.zeros(0)
+    return scoring.top_k(users, np.asarray(item_factors, dtype=np.float32), 1)[1][:, 0].astype(np.float64)
+
+
 def blend_factors(user_vectors: np.ndarray, item_factors: np.ndarray, popularity: np.ndarray,
-                  weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """Augmented (users, items) whose dot product is the blended score (see the module docstring)."""
+                  weight: float, best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented (users, items) whose dot product is the blended score (see the module docstring).
+    ``best``: ``best_scores`` of the same vectors when the caller has them (one pass over the
+    catalogue fewer per blend weight)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"blend_weight must lie in [0, 1], got {weight}")
     users = np.asarray(user_vectors, dtype=np.float32)
     items = np.asarray(item_factors, dtype=np.float32)
-    best = scoring.top_k(users, items, 1)[1][:, 0].astype(np.float64) if len(users) else np.zeros(0)
+    best = best_scores(users, items) if best is None else np.asarray(best, dtype=np.float64)
     scale = np.where(np.isfinite(best) & (best > 0), weight / np.where(best > 0, best, 1.0), 0.0)
     popularity = np.asarray(popularity, dtype=np.float64)
     prior = popularity / popularity.max() if popularity.size and popularity.max() > 0 else np.zeros_like(popularity)

@@ -59,8 +59,11 @@ def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, v
     """Each user's factor vector (float32 [n_users, rank]) from their ratings, as Spark ALS does.
 
     ``indptr``/``indices``/``values`` are the users' ratings in CSR form (``values`` already
-    transformed by ``transform_counts``). Entries with a negative item index (unknown products)
-    are ignored. Users with no usable rating get a zero vector: callers fall back to popularity.
+    transformed by ``transform_counts``). Entries with a negative item index (unknown products) or
+    an all-zero factor row (products the fit did not see: new ones, or ones it left out, see
+    ``batch.als.min_item_customers``) are ignored, as Spark's user step never saw them: they would
+    add nothing but the regularisation Spark scales by each user's number of ratings. Users with no
+    usable rating get a zero vector: callers fall back to popularity.
     ``gram`` is ``gramian(item_factors)`` when the caller keeps it (implicit mode only).
     """
     item_factors = np.asarray(item_factors, dtype=np.float32)
@@ -70,6 +73,7 @@ def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, v
     if n_users == 0 or rank == 0:
         return result
     known = indices >= 0
+    known[known] = item_factors.any(axis=1)[indices[known]]
     if not known.all():   # drop unknown items, keep the CSR row boundaries
         row_of = np.repeat(np.arange(n_users), np.diff(indptr))
         indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[known], minlength=n_users))])

@@ -193,3 +193,32 @@ def test_fold_in_final_fits_once_and_serves_what_the_stream_would(spark, cfg, tm
     written = pd.read_parquet(tmp_path / "out" / "versions" / result.version / "recommendations.parquet")
     expected = [list(artifact.item_ids[row[row >= 0]]) for row in items]
     assert [list(r) for r in written["recommendations"]] == expected
+
+
+def test_the_cv_race_stops_a_hopeless_candidate_after_one_fold(spark, cfg, tmp_path, sample, caplog):
+    caplog.set_level(logging.INFO)
+    # reg_param 1000 shrinks every factor to nothing: far more than 2 % behind after the first fold.
+    job_cfg = _job_cfg(cfg, tmp_path, sample, **{"batch.cv_folds": 3, "batch.cv_race_tolerance": 0.02,
+                                                 "batch.grid": {"reg_param": [1000.0, 0.1]},
+                                                 "batch.scorers.candidates": ["als", "popularity"]})
+    result = run(job_cfg, spark=spark)
+    assert "CV race after fold 1: rank=16 reg=1000" in caplog.text
+    folds = {(row["model"], (row["params"] or {}).get("reg_param")): row["folds"]
+             for row in result.metrics["cross_validation"]}
+    assert folds == {("als", 0.1): 3, ("popularity", None): 3, ("als", 1000.0): 1}
+    assert result.params.reg_param == 0.1
+    assert sum("CV fold" in r.message and "candidate rank=16 reg=1000" in r.message for r in caplog.records) == 1
+
+
+def test_products_with_too_few_buyers_are_left_out_of_the_als_fit(spark):
+    from batch_training.train import AlsParams, fit_als
+
+    # item 0: 4 buyers, item 1: 3, item 2: 1 (a tail product)
+    rows = [(u, 0, 2.0) for u in range(4)] + [(u, 1, 1.0) for u in range(3)] + [(0, 2, 5.0)]
+    pairs = spark.createDataFrame(rows, "user int, item int, count double")
+    params = AlsParams(rank=4, max_iter=3, reg_param=0.1, min_item_customers=3)
+    factors = fit_als(pairs, params, n_users=4, n_items=3)
+    assert np.abs(factors.item_factors[[0, 1]]).sum(axis=1).min() > 0
+    assert not factors.item_factors[2].any()
+    everything = fit_als(pairs, AlsParams(rank=4, max_iter=3, reg_param=0.1), n_users=4, n_items=3)
+    assert everything.item_factors[2].any()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from batch_training.candidates import Candidate, select_model
-from batch_training.train import AlsParams, CandidateResult
+from batch_training.train import AlsParams, CandidateResult, Race
 
 ALS, BLEND, POP = Candidate("als"), Candidate("blend", 0.5), Candidate("popularity")
 
@@ -39,3 +39,36 @@ def test_ties_go_to_the_earlier_candidate_and_lower_is_better_for_rmse():
     errors = [CandidateResult(a, [{"als": {"rmse": 1.4}}]), CandidateResult(b, [{"als": {"rmse": 1.1}}])]
     params, _, _ = select_model(errors, [ALS], "rmse", min_lift=0.1, lower_is_better=True)
     assert params == b
+
+
+def _raced(params: AlsParams, *als: float) -> CandidateResult:
+    return _result(params, *({"als": value, "popularity": 0.5} for value in als))
+
+
+def test_the_race_stops_parameters_that_trail_the_leader_by_more_than_the_tolerance():
+    leader, close, far = AlsParams(rank=128), AlsParams(rank=64, alpha=10.0), AlsParams(rank=64)
+    running = [_raced(far, 0.118), _raced(close, 0.1370), _raced(leader, 0.1384)]
+    race = Race("map", 0.02, is_dependent=lambda name: name != "popularity")
+    kept = race.survivors(running, fold_no=1)
+    # 1.0 % behind stays; 14.7 % behind stops; popularity (0.5, parameter-free) leads no race
+    assert [r.params for r in kept] == [close, leader]
+    assert Race("map", 0.0, lambda name: name == "als").survivors(running, 1) == [running[2]]
+
+
+def test_the_race_for_rmse_stops_the_larger_errors():
+    small, large = AlsParams(rank=8), AlsParams(rank=16)
+    errors = [CandidateResult(small, [{"als": {"rmse": 1.00}}]), CandidateResult(large, [{"als": {"rmse": 1.05}}])]
+    kept = Race("rmse", 0.02, lambda name: True, lower_is_better=True).survivors(errors, 1)
+    assert [r.params for r in kept] == [small]
+
+
+def test_a_set_the_race_stopped_is_listed_but_never_chosen():
+    stopped, finished = AlsParams(rank=64), AlsParams(rank=128)
+    # The stopped set's one lucky fold (0.30) beats the finished set's mean over three folds.
+    results = [_result(stopped, {"als": 0.30, "popularity": 0.01}),
+               _result(finished, *({"als": 0.20, "popularity": 0.01},) * 3)]
+    params, candidate, rows = select_model(results, [ALS, POP], "map", min_lift=0.1)
+    assert (params, candidate) == (finished, ALS)
+    assert [(row["params"], row["folds"]) for row in rows if row["candidate"] == ALS] == [(finished, 3), (stopped, 1)]
+    popularity = [row for row in rows if row["candidate"] == POP]
+    assert len(popularity) == 1 and popularity[0]["folds"] == 3     # from a set that ran every fold

@@ -66,6 +66,24 @@ def test_fold_in_reuses_the_gramian_and_ignores_unknown_items():
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_fold_in_ignores_products_the_fit_left_out(implicit):
+    """Products without factors (new, or left out of the fit for too few buyers) were never in
+    Spark's user step: they must not count in the regularisation it scales by a user's ratings."""
+    rng = np.random.default_rng(11)
+    item_factors = rng.normal(0, 0.3, (60, 4)).astype(np.float32)
+    item_factors[::4] = 0.0                       # every fourth product left out of the fit
+    indptr, indices, values = _random_csr(rng, 30, 60, 12)
+    fitted = indices % 4 != 0
+    row_of = np.repeat(np.arange(30), np.diff(indptr))
+    fitted_indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[fitted], minlength=30))])
+    expected = _reference_fold_in(item_factors, fitted_indptr, indices[fitted], values[fitted], 0.1, 2.0, implicit)
+    actual = fold_in(item_factors, indptr, indices, values, 0.1, 2.0, implicit=implicit)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    only_left_out = np.flatnonzero(np.bincount(row_of[fitted], minlength=30) == 0)
+    assert np.all(actual[only_left_out] == 0)
+
+
 def test_fold_in_with_long_and_short_rows_in_one_call():
     rng = np.random.default_rng(11)
     item_factors = rng.normal(0, 0.3, (3000, 4)).astype(np.float32)
