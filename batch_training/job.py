@@ -99,7 +99,8 @@ def _check_als(params: AlsParams, where: str) -> None:
     def whole(value) -> bool:     # as Spark's own check: 8 and 8.0, not 8.5, "8" or true
         return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
 
-    problems = [f"{name}={getattr(params, name)!r} (a whole number >= 1)" for name in ("rank", "max_iter", "blocks", "min_item_customers")
+    problems = [f"{name}={getattr(params, name)!r} (a whole number >= 1)"
+                for name in ("rank", "max_iter", "blocks", "min_item_customers")
                 if not whole(getattr(params, name)) or getattr(params, name) < 1]
     problems += [f"{name}={getattr(params, name)!r} (a number >= 0)" for name in ("reg_param", "alpha")
                  if not isinstance(getattr(params, name), (int, float)) or isinstance(getattr(params, name), bool)

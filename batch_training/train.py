@@ -241,10 +241,11 @@ class Race:
             return running
         leader = min(finite) if self.lower_is_better else max(finite)
         bound = leader * (1 + self.tolerance) if self.lower_is_better else leader * (1 - self.tolerance)
-        kept = [r for r, s in zip(running, scores)
-                if not np.isfinite(s) or (s <= bound if self.lower_is_better else s >= bound)]
+        kept = []
         for result, score in zip(running, scores):
-            if result not in kept:
+            if not np.isfinite(score) or (score <= bound if self.lower_is_better else score >= bound):
+                kept.append(result)
+            else:
                 log.info("CV race after fold %d: %s stops (%s@k %.4f, %.1f%% %s the leader's %.4f; "
                          "batch.cv_race_tolerance %.0f%%)", fold_no, result.params.label(), self.metric, score,
                          abs(score / leader - 1) * 100, "above" if self.lower_is_better else "below", leader,

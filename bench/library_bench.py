@@ -126,8 +126,8 @@ def popularity_recs(train: dict, users: np.ndarray) -> np.ndarray:
 
 
 def library_recs(model, matrix, users: np.ndarray) -> np.ndarray:
-    ids, _ = model.recommend(users, matrix[users], N=K, filter_already_liked_items=True)
-    return np.where(np.isfinite(_) & (ids >= 0), ids, -1)
+    ids, scores = model.recommend(users, matrix[users], N=K, filter_already_liked_items=True)
+    return np.where(np.isfinite(scores) & (ids >= 0), ids, -1)
 
 
 def weighted(matrix, weighting: str):

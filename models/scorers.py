@@ -136,9 +136,12 @@ def user_vectors(artifact, indptr, indices, counts) -> np.ndarray:
     cache = _cache(artifact)
     if implicit and "gram" not in cache:
         cache["gram"] = scoring.gramian(artifact.item_factors)
+    if "fitted" not in cache:       # a scan of every factor row: once per model, not per call
+        cache["fitted"] = scoring.fitted_items(artifact.item_factors)
     ratings = scoring.transform_counts(counts, str(params.get("scaling", "none")))
     return scoring.fold_in(artifact.item_factors, indptr, indices, ratings, float(params["reg_param"]),
-                           float(params["alpha"]), implicit=implicit, gram=cache.get("gram"))
+                           float(params["alpha"]), implicit=implicit, gram=cache.get("gram"),
+                           fitted=cache["fitted"])
 
 
 def best_scores(user_vectors: np.ndarray, item_factors: np.ndarray) -> np.ndarray:

@@ -53,9 +53,14 @@ def gramian(item_factors: np.ndarray) -> np.ndarray:
     return factors.T @ factors
 
 
+def fitted_items(item_factors: np.ndarray) -> np.ndarray:
+    """Which products the fit saw (a non-zero factor row); pass it to ``fold_in`` to scan once per model."""
+    return np.asarray(item_factors).any(axis=1)
+
+
 def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
             reg_param: float, alpha: float, implicit: bool = True,
-            gram: Optional[np.ndarray] = None) -> np.ndarray:
+            gram: Optional[np.ndarray] = None, fitted: Optional[np.ndarray] = None) -> np.ndarray:
     """Each user's factor vector (float32 [n_users, rank]) from their ratings, as Spark ALS does.
 
     ``indptr``/``indices``/``values`` are the users' ratings in CSR form (``values`` already
@@ -64,7 +69,8 @@ def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, v
     ``batch.als.min_item_customers``) are ignored, as Spark's user step never saw them: they would
     add nothing but the regularisation Spark scales by each user's number of ratings. Users with no
     usable rating get a zero vector: callers fall back to popularity.
-    ``gram`` is ``gramian(item_factors)`` when the caller keeps it (implicit mode only).
+    ``gram`` is ``gramian(item_factors)`` when the caller keeps it (implicit mode only), ``fitted``
+    likewise ``fitted_items(item_factors)``.
     """
     item_factors = np.asarray(item_factors, dtype=np.float32)
     indptr, indices, values = _check_csr(indptr, indices, values, item_factors.shape[0])
@@ -73,7 +79,8 @@ def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, v
     if n_users == 0 or rank == 0:
         return result
     known = indices >= 0
-    known[known] = item_factors.any(axis=1)[indices[known]]
+    fitted = fitted_items(item_factors) if fitted is None else fitted
+    known[known] = fitted[indices[known]]
     if not known.all():   # drop unknown items, keep the CSR row boundaries
         row_of = np.repeat(np.arange(n_users), np.diff(indptr))
         indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[known], minlength=n_users))])

@@ -28,7 +28,7 @@ import os
 # The driver scores each micro-batch with many small solves and one matrix product: on a few cores
 # shared with the Spark tasks, OpenBLAS' own threads fight them and run 2-4x slower (measured).
 # Set before numpy is imported; an explicit setting in the environment wins.
-from models.spark import single_threaded_blas  # noqa: E402
+from models.spark import single_threaded_blas
 
 single_threaded_blas()
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.artifact import ModelArtifact, ModelValidationError, new_version
-from models.scoring import fold_in, gramian, popularity_order, popularity_top_k, top_k, transform_counts
+from models.scoring import fitted_items, fold_in, gramian, popularity_order, popularity_top_k, top_k, transform_counts
 
 
 def _random_csr(rng, n_users: int, n_items: int, max_len: int, empty_every: int = 7):
@@ -80,6 +80,9 @@ def test_fold_in_ignores_products_the_fit_left_out(implicit):
     expected = _reference_fold_in(item_factors, fitted_indptr, indices[fitted], values[fitted], 0.1, 2.0, implicit)
     actual = fold_in(item_factors, indptr, indices, values, 0.1, 2.0, implicit=implicit)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    kept = fold_in(item_factors, indptr, indices, values, 0.1, 2.0, implicit=implicit,
+                   fitted=fitted_items(item_factors))     # the mask a model keeps, as the scorers pass it
+    np.testing.assert_array_equal(kept, actual)
     only_left_out = np.flatnonzero(np.bincount(row_of[fitted], minlength=30) == 0)
     assert np.all(actual[only_left_out] == 0)
 
