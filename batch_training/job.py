@@ -36,7 +36,7 @@ from batch_training.train import (AlsParams, Factors, PairArrays, Race, counts_a
 from models.config import Config, ConfigError
 from models.neighbours import KnnParams, item_neighbours
 from models.scorers import needs_vectors
-from models.scoring import SCALINGS
+from models.scaling import SCALINGS
 
 log = logging.getLogger("batch_training")
 
@@ -107,6 +107,12 @@ def _check_als(params: AlsParams, where: str) -> None:
                  or not getattr(params, name) >= 0]
     if params.scaling not in SCALINGS:
         problems.append(f"scaling={params.scaling!r} (one of {list(SCALINGS)})")
+    if not isinstance(params.scaling_k1, (int, float)) or isinstance(params.scaling_k1, bool) \
+            or not params.scaling_k1 >= 0:
+        problems.append(f"scaling_k1={params.scaling_k1!r} (a number >= 0)")
+    if not isinstance(params.scaling_b, (int, float)) or isinstance(params.scaling_b, bool) \
+            or not 0 <= params.scaling_b <= 1:
+        problems.append(f"scaling_b={params.scaling_b!r} (a number in [0, 1])")
     if not isinstance(params.implicit_prefs, bool):
         problems.append(f"implicit_prefs={params.implicit_prefs!r} (true or false)")
     if not whole(params.seed):
@@ -281,6 +287,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
                  "the holdout fit's item factors, every customer folded in", selected.name)
         final_mode = "fold_in"
     all_pairs = None if on_executors else PairArrays.collect(indexed, n_users)
+    popularity = item_popularity(indexed, n_items)
     if final_mode == "refit":
         stages.start("final fit on all data")
         final = fit_als(indexed, chosen, n_users, n_items, collect_users=not on_executors)
@@ -288,13 +295,12 @@ def run(cfg: Config, spark=None) -> BatchResult:
         stages.start("final model: every customer folded into the holdout fit")
         # On the executors each task folds its customers in (per_customer.py).
         final = replace(holdout_factors, user_factors_df=None) if on_executors else \
-            _folded_final(holdout_factors, all_pairs)
+            _folded_final(holdout_factors, all_pairs, popularity.buyers)
     else:
         raise ValueError(f"batch.final_fit {final_mode!r}: use 'refit' (a second ALS fit on all data) or "
                          "'fold_in' (every customer's full history folded into the holdout fit's item factors)")
 
     stages.start(f"top-{k} for every customer")
-    popularity = item_popularity(indexed, n_items)
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
     segments = _segment_popularity(spark, cfg, maps, indexed)
     params = {"count_mode": source_count_mode, **recency, **segments}
@@ -482,7 +488,7 @@ def _log_cv(rows: list[dict], metric: str, k: int, folds: int) -> list[dict]:
              f"sd_{metric}": row["sd"], "folds": row["folds"]} for row in rows]
 
 
-def _folded_final(holdout: Factors, all_pairs: PairArrays) -> Factors:
+def _folded_final(holdout: Factors, all_pairs: PairArrays, buyers: np.ndarray) -> Factors:
     """The final model without a second fit: the holdout fit's item factors, and every customer's
     vector folded in from their full history (the half-step ALS itself ends on)."""
     from models.scoring import fold_in
@@ -490,7 +496,7 @@ def _folded_final(holdout: Factors, all_pairs: PairArrays) -> Factors:
     started = time.perf_counter()
     params = holdout.params
     users = fold_in(holdout.item_factors, all_pairs.indptr, all_pairs.indices,
-                    counts_as_ratings(all_pairs.counts, params), params.reg_param, params.alpha,
+                    counts_as_ratings(all_pairs, params, buyers), params.reg_param, params.alpha,
                     implicit=params.implicit_prefs)
     seconds = time.perf_counter() - started
     log.info("folded %s customers into the holdout fit's item factors in %.1f s", f"{users.shape[0]:,}", seconds)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from models.scoring import csr_rows, top_k, transform_counts
+from models.scaling import BM25_B, BM25_K1, IDF_FLOOR, SCALINGS, als_ratings
+from models.scoring import csr_rows, top_k
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,9 @@ class AlsParams:
     rank: int = 64
     reg_param: float = 0.01
     alpha: float = 1.0
-    scaling: str = "none"          # "none" | "log": how counts become ALS ratings
+    scaling: str = "none"          # models.scaling.SCALINGS: how counts become ALS ratings
+    scaling_k1: float = BM25_K1    # bm25 scaling: how fast repeat purchases saturate
+    scaling_b: float = BM25_B      # bm25 scaling: how much a product's buyers shrink its ratings (0..1)
     max_iter: int = 10
     implicit_prefs: bool = True
     seed: int = 42
@@ -34,7 +37,8 @@ class AlsParams:
 
     def label(self) -> str:
         mode = f"alpha={self.alpha:g}" if self.implicit_prefs else "explicit"
-        return f"rank={self.rank} reg={self.reg_param:g} {mode} scaling={self.scaling}"
+        scaling = f"bm25(k1={self.scaling_k1:g},b={self.scaling_b:g})" if self.scaling == "bm25" else self.scaling
+        return f"rank={self.rank} reg={self.reg_param:g} {mode} scaling={scaling}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,15 +69,30 @@ def params_grid(base: AlsParams, grid: dict[str, Iterable[Any]] | None) -> list[
         or [base]
 
 
-def with_ratings(pairs, scaling: str):
-    """Add the ALS ``rating`` column from ``count`` the same way models.scoring.transform_counts does."""
+def with_ratings(pairs, params: AlsParams, n_items: int):
+    """Add the ALS ``rating`` column from ``count`` as models.scaling.als_ratings computes it
+    (the same doubles in the same order, so fit and fold-in agree); ``n_items``: the catalogue."""
     from pyspark.sql import functions as F
 
-    if scaling == "none":
+    if params.scaling == "none":
         return pairs.withColumn("rating", F.col("count").cast("float"))
-    if scaling == "log":
+    if params.scaling == "log":
         return pairs.withColumn("rating", F.log1p(F.col("count")).cast("float"))
-    raise ValueError(f"unknown count scaling {scaling!r}: use 'none' or 'log'")
+    if params.scaling != "bm25":
+        raise ValueError(f"unknown count scaling {params.scaling!r}: use one of {list(SCALINGS)}")
+    # Two small aggregates (one row per product, one per customer) joined back: no per-pair shuffle
+    # beyond what the joins need, and the mean is the same exact ratio of counts numpy takes.
+    buyers = pairs.groupBy("item").agg(F.count("*").cast("double").alias("_buyers"))
+    bought = pairs.groupBy("user").agg(F.count("*").cast("double").alias("_bought"))
+    products_bought = buyers.count()
+    mean = pairs.count() / products_bought if products_bought else 1.0
+    k1, b = float(params.scaling_k1), float(params.scaling_b)
+    norm = F.lit(1.0 - b) + F.lit(b) * F.col("_buyers") / F.lit(mean)
+    idf = F.greatest(F.log(F.lit(float(n_items)) / (F.lit(1.0) + F.col("_bought"))), F.lit(IDF_FLOOR))
+    count = F.col("count").cast("double")
+    rating = count * F.lit(k1 + 1.0) / (F.lit(k1) * norm + count) * idf
+    return (pairs.join(F.broadcast(buyers), "item").join(bought, "user")
+            .withColumn("rating", rating.cast("float")).drop("_buyers", "_bought"))
 
 
 def frequent_items(ratings, min_customers: int):
@@ -105,7 +124,7 @@ def fit_als(pairs, params: AlsParams, n_users: int, n_items: int, collect_users:
               implicitPrefs=params.implicit_prefs, alpha=params.alpha, seed=params.seed,
               numUserBlocks=params.blocks, numItemBlocks=params.blocks, checkpointInterval=5,
               userCol="user", itemCol="item", ratingCol="rating", coldStartStrategy="drop")
-    ratings = with_ratings(pairs.select("user", "item", "count"), params.scaling)
+    ratings = with_ratings(pairs.select("user", "item", "count"), params, n_items)
     # Explicit mode reproduces the old job, which fitted every product (and its RMSE counts each).
     model = als.fit(frequent_items(ratings, params.min_item_customers) if params.implicit_prefs else ratings)
     users = _dense(model.userFactors, n_users, params.rank) if collect_users else \
@@ -298,6 +317,7 @@ class CvProgress:
             self._redirect.__exit__(None, None, None)
 
 
-def counts_as_ratings(counts: np.ndarray, params: AlsParams) -> np.ndarray:
-    """The rating values ALS saw, for fold-in (same transform as ``with_ratings``)."""
-    return transform_counts(counts, params.scaling)
+def counts_as_ratings(pairs: PairArrays, params: AlsParams, buyers: np.ndarray) -> np.ndarray:
+    """The rating values ALS saw, for fold-in (same transform as ``with_ratings``); ``buyers``:
+    distinct buyers per product in the fit's data."""
+    return als_ratings(params.as_dict(), pairs.indptr, pairs.indices, pairs.counts, buyers)

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -214,9 +214,9 @@ def worker_blas(data_path: str, java_blas: bool) -> None:
     _stage("session")
     cfg, spark = _session({"spark.driver.extraJavaOptions": JAVA_BLAS_OPTIONS} if java_blas else None)
     _stage("read, aggregate, index")
-    indexed, _ = _indexed_pairs(spark, cfg, data_path)
+    indexed, maps = _indexed_pairs(spark, cfg, data_path)
     params = als_params_from_config(cfg)
-    ratings = with_ratings(indexed.select("user", "item", "count"), params.scaling).cache()
+    ratings = with_ratings(indexed.select("user", "item", "count"), params, maps.n_items).cache()
     ratings.count()
     _stage("ALS fit")
     fit_seconds, model = _timed(lambda: _als(params).fit(ratings))
@@ -232,7 +232,7 @@ def worker_topk(data_path: str, customers: int) -> None:
     from batch_training.job import als_params_from_config
     from batch_training.recommend import recommend_for_all
     from batch_training.train import PairArrays, _dense, with_ratings
-    from models.scoring import fold_in, gramian, top_k, transform_counts
+    from models.scoring import fold_in, gramian, top_k
 
     _stage("session")
     cfg, spark = _session()
@@ -242,7 +242,7 @@ def worker_topk(data_path: str, customers: int) -> None:
     params = als_params_from_config(cfg)
     _stage("ALS fit")
     fit_seconds, model = _timed(lambda: _als(params).fit(with_ratings(indexed.select("user", "item", "count"),
-                                                                      params.scaling)))
+                                                                      params, n_items)))
     k = int(cfg.get_path("batch.k", 10))
     out: dict[str, Any] = {"n_users": n_users, "n_items": n_items, "rank": params.rank, "k": k,
                            "fit_seconds": fit_seconds, "blas": _blas_in_use(spark)}
@@ -268,8 +268,7 @@ def worker_topk(data_path: str, customers: int) -> None:
         lambda: recommend_for_all(spark, model.userFactors, items, k).write.format("noop").mode("overwrite").save())
 
     _stage("scoring core")
-    out["scoring_core"] = _scoring_core(items, purchased, params, customers, k, fold_in, gramian, top_k,
-                                        transform_counts)
+    out["scoring_core"] = _scoring_core(items, purchased, params, customers, k, fold_in, gramian, top_k)
     _emit(out)
     spark.stop()
 
@@ -338,8 +337,7 @@ def _agreement(spark_rows, best, k: int) -> dict[str, float]:
     return {"customers": int(len(spark_rows)), "identical_sets": same / n, "mean_overlap": overlap / n, "k": k}
 
 
-def _scoring_core(items, purchased, params, customers: int, k: int, fold_in, gramian, top_k,
-                  transform_counts) -> dict[str, Any]:
+def _scoring_core(items, purchased, params, customers: int, k: int, fold_in, gramian, top_k) -> dict[str, Any]:
     """Fold-in + top-k (purchases excluded) for ``customers`` customers, as one batch and one by one."""
     import numpy as np
 
@@ -349,7 +347,10 @@ def _scoring_core(items, purchased, params, customers: int, k: int, fold_in, gra
     indptr, indices = purchased.rows(chosen)
     starts = purchased.indptr[chosen]
     counts = np.concatenate([purchased.counts[s:e] for s, e in zip(starts, purchased.indptr[chosen + 1])])
-    values = transform_counts(counts, params.scaling)
+    from models.scaling import als_ratings
+
+    values = als_ratings(params.as_dict(), indptr, indices, counts,
+                         np.bincount(purchased.indices, minlength=items.shape[0]))
     gram_seconds, gram = _timed(lambda: gramian(items))
 
     def batch() -> None:
@@ -388,7 +389,7 @@ def worker_core(n_items: int, rank: int, customers: int) -> None:
     from batch_training.job import als_params_from_config
     from batch_training.train import PairArrays
     from models.config import load_config
-    from models.scoring import fold_in, gramian, top_k, transform_counts
+    from models.scoring import fold_in, gramian, top_k
 
     params = als_params_from_config(load_config())
     rng = np.random.default_rng(42)
@@ -397,7 +398,7 @@ def worker_core(n_items: int, rank: int, customers: int) -> None:
     indptr = np.concatenate([[0], np.cumsum(sizes)])
     indices = np.concatenate([np.sort(rng.choice(n_items, size=min(s, n_items), replace=False)) for s in sizes])
     purchased = PairArrays(indptr, indices.astype(np.int32), rng.integers(1, 4, indices.size).astype(np.float32))
-    _emit(_scoring_core(items, purchased, params, customers, 10, fold_in, gramian, top_k, transform_counts))
+    _emit(_scoring_core(items, purchased, params, customers, 10, fold_in, gramian, top_k))
 
 
 def worker_original(data_path: str, out_dir: str) -> None:
@@ -420,7 +421,8 @@ def worker_original(data_path: str, out_dir: str) -> None:
     events.count()
     _stage("aggregate")
     indexed, maps = index_ids(aggregate(events, "rows"))
-    ratings = with_ratings(indexed.select("user", "item", "count"), "none").cache()
+    ratings = with_ratings(indexed.select("user", "item", "count"), replace(params, scaling="none"),
+                           maps.n_items).cache()
     ratings.count()
     _stage(f"cross-validation ({ORIGINAL_FOLDS} folds x {len(ORIGINAL_REG_PARAMS)} regParam)")
     folds = ratings.randomSplit([1.0] * ORIGINAL_FOLDS, seed=params.seed)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from models import scoring
+from models.scaling import SCALINGS
 from models.scorers import MODEL_TYPES
 
 MODEL_TYPES_WITH_FACTORS = ("als", "blend")   # scored from factors (models.scorers)
@@ -58,7 +59,8 @@ class ModelArtifact:
     item_factors: np.ndarray             # float32 [n_items, rank] (rank 0 without factors)
     user_ids: np.ndarray                 # str [n_users]; position = user index
     user_factors: np.ndarray             # float32 [n_users, rank]
-    popularity: np.ndarray               # float64 [n_items]: purchase counts per item
+    popularity: np.ndarray               # float64 [n_items]: distinct buyers per item in the fit's data
+                                         # (the fallback ranking; bm25 scaling's product lengths)
     # Each known customer's purchase counts as trained on: CSR over user index.
     user_items_indptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     user_items_indices: np.ndarray = field(default_factory=lambda: _empty(np.int32))
@@ -217,7 +219,7 @@ class ModelArtifact:
             except (TypeError, ValueError) as err:
                 raise ModelValidationError(f"{name} must be JSON-serialisable: {err}") from None
         scaling = self.params.get("scaling", "none")
-        _check(scaling in scoring.SCALINGS, f"params scaling {scaling!r} must be one of {scoring.SCALINGS}")
+        _check(scaling in SCALINGS, f"params scaling {scaling!r} must be one of {SCALINGS}")
         for name in ("cutoff_time", "created_at"):
             value = getattr(self, name)
             _check(value is None or _is_iso_time(value), f"{name} {value!r} is not an ISO-8601 time")

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from models.scaling import bm25_idf, bm25_norm, bm25_weight
+
 WEIGHTINGS = ("cosine", "bm25")
 # Customers' score rows built at once (entries of purchases x neighbours): bounds a block's memory.
 _SCORE_BUDGET = 8_000_000
@@ -91,15 +93,12 @@ def purchase_matrix(indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
 
 
 def bm25_weights(matrix, k1: float, b: float):
-    """``matrix`` (customers x products, counts) weighted by BM25, products as the documents."""
+    """``matrix`` (customers x products, counts) weighted by BM25, products as the documents
+    (models.scaling holds the formula; the lengths here are the products' summed counts)."""
     weighted = matrix.tocoo(copy=True)
-    n_products = float(matrix.shape[1])
-    products_per_customer = np.bincount(weighted.row, minlength=matrix.shape[0])
-    idf = np.log(n_products / (1.0 + products_per_customer))
-    length = np.bincount(weighted.col, weights=weighted.data, minlength=matrix.shape[1])
-    mean_length = length[length > 0].mean() if (length > 0).any() else 1.0
-    norm = (1.0 - b) + b * length / mean_length
-    weighted.data = weighted.data * (k1 + 1.0) / (k1 * norm[weighted.col] + weighted.data) * idf[weighted.row]
+    idf = bm25_idf(matrix.shape[1], np.bincount(weighted.row, minlength=matrix.shape[0]))
+    norm = bm25_norm(np.bincount(weighted.col, weights=weighted.data, minlength=matrix.shape[1]), b)
+    weighted.data = bm25_weight(weighted.data, norm[weighted.col], idf[weighted.row], k1)
     return weighted.tocsr()
 
 

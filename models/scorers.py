@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from models import scoring
+from models.scaling import als_ratings
 from models.neighbours import KnnParams, item_neighbours, knn_pair_scores, knn_top_k
 
 MODEL_TYPES = ("als", "blend", "popularity", "item_knn")
@@ -138,7 +139,7 @@ def user_vectors(artifact, indptr, indices, counts) -> np.ndarray:
         cache["gram"] = scoring.gramian(artifact.item_factors)
     if "fitted" not in cache:       # a scan of every factor row: once per model, not per call
         cache["fitted"] = scoring.fitted_items(artifact.item_factors)
-    ratings = scoring.transform_counts(counts, str(params.get("scaling", "none")))
+    ratings = als_ratings(params, indptr, indices, counts, artifact.popularity)
     return scoring.fold_in(artifact.item_factors, indptr, indices, ratings, float(params["reg_param"]),
                            float(params["alpha"]), implicit=implicit, gram=cache.get("gram"),
                            fitted=cache["fitted"])

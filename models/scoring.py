@@ -1,4 +1,4 @@
-"""The scoring math shared by the batch and the streaming job: count scaling, fold-in, top-k.
+"""The scoring math shared by the batch and the streaming job: fold-in and top-k.
 
 Both jobs must turn the same purchases into the same recommendations, so the one copy of the
 math lives here and runs on plain numpy arrays (no Spark needed to score).
@@ -23,7 +23,6 @@ import numpy as np
 
 Csr = Tuple[np.ndarray, np.ndarray]   # (indptr, indices): one row per user
 
-SCALINGS = ("none", "log")
 # Entries (users x padded items) gathered at once by fold_in: bounds memory at ~32 MB per array
 # at rank 64 whatever the spread of basket sizes.
 _FOLD_IN_BUDGET = 65_536
@@ -31,20 +30,6 @@ _FOLD_IN_BUDGET = 65_536
 _TOP_K_BUDGET = 16_777_216
 # Items per chunk for the chunk-maximum threshold of top_k.
 _CHUNK = 64
-
-
-def transform_counts(counts: np.ndarray, scaling: str) -> np.ndarray:
-    """Purchase counts -> ALS ratings (float32): ``none`` keeps them, ``log`` is ``log1p``.
-
-    Spark computes ``log1p`` in double and casts the rating to float; this does the same so
-    training and fold-in see bit-identical ratings.
-    """
-    values = np.asarray(counts, dtype=np.float64)
-    if scaling == "none":
-        return values.astype(np.float32)
-    if scaling == "log":
-        return np.log1p(values).astype(np.float32)
-    raise ValueError(f"unknown count scaling {scaling!r}: use one of {SCALINGS}")
 
 
 def gramian(item_factors: np.ndarray) -> np.ndarray:
@@ -64,7 +49,7 @@ def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, v
     """Each user's factor vector (float32 [n_users, rank]) from their ratings, as Spark ALS does.
 
     ``indptr``/``indices``/``values`` are the users' ratings in CSR form (``values`` already
-    transformed by ``transform_counts``). Entries with a negative item index (unknown products) or
+    transformed by ``models.scaling.als_ratings``). Entries with a negative item index (unknown products) or
     an all-zero factor row (products the fit did not see: new ones, or ones it left out, see
     ``batch.als.min_item_customers``) are ignored, as Spark's user step never saw them: they would
     add nothing but the regularisation Spark scales by each user's number of ratings. Users with no

@@ -82,6 +82,8 @@ def test_exit_0_publishes_and_exit_3_keeps_the_current_model(env, tmp_path, tran
     (["--set", "batch.als.rank=[8"], "is not valid YAML"),
     (["--set", "batch.cv_fold=0"], "there is no setting 'batch.cv_fold'"),       # misspelt: was ignored
     (["--set", "batch.als.rank=eight"], "rank='eight'"),
+    (["--set", "batch.grid.scaling=[none,bm52]"], "scaling='bm52' (one of ['none', 'log', 'bm25'])"),
+    (["--set", "batch.als.scaling_b=2"], "scaling_b=2 (a number in [0, 1])"),
     (["--set", "batch.final_fit=refti"], "batch.final_fit 'refti'"),              # was found after the fits
     (["--set", "batch.scorers.candidates=[als,knn]"], "unknown batch.scorers.candidates ['knn']"),
     (["--set", "batch.holdout.method=latest"], "batch.holdout.method 'latest'"),

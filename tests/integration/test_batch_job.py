@@ -171,14 +171,16 @@ def test_explicit_mode_reports_the_holdout_rmse_and_the_gate_compares_it_with_th
     assert ModelStore.from_config(explicit).current_version() == result.version
 
 
-def test_fold_in_final_fits_once_and_serves_what_the_stream_would(spark, cfg, tmp_path, sample, caplog):
+@pytest.mark.parametrize("scaling", ["none", "bm25"])
+def test_fold_in_final_fits_once_and_serves_what_the_stream_would(spark, cfg, tmp_path, sample, caplog, scaling):
     """batch.final_fit=fold_in skips the second ALS fit; the written lists are then exactly the
-    fold-in + top-k the streaming job computes from the same counts. --no-publish still succeeds."""
+    fold-in + top-k the streaming job computes from the same counts (and, with bm25, the same
+    transform from the model's popularity). --no-publish still succeeds."""
     from models.scorers import recommend_from_counts
 
     caplog.set_level(logging.INFO)
     job_cfg = _job_cfg(cfg, tmp_path, sample, **{"batch.cv_folds": 0, "batch.final_fit": "fold_in",
-                                                  "batch.publish.enabled": False})
+                                                  "batch.publish.enabled": False, "batch.als.scaling": scaling})
     result = run(job_cfg, spark=spark)      # no PublishRefused: publishing was switched off
     assert not result.published and "publishing disabled" in result.gate_reason
     ok, verdict = gate_decision(job_cfg, result.metrics, "map", True, None)   # the verdict all the same
@@ -189,6 +191,7 @@ def test_fold_in_final_fits_once_and_serves_what_the_stream_would(spark, cfg, tm
     assert store.current_version() is None
     artifact = store.load(result.version)
     assert artifact.model_type == "als" and artifact.params["count_mode"] == "rows"
+    assert artifact.params["scaling"] == scaling
     items, _, _ = recommend_from_counts(artifact, *artifact.user_items, 10, True)
     written = pd.read_parquet(tmp_path / "out" / "versions" / result.version / "recommendations.parquet")
     expected = [list(artifact.item_ids[row[row >= 0]]) for row in items]

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from batch_training.recommend import collect_factors, recommend_for_all, to_recommendations_df, top_k_on_driver
-from models.scoring import fold_in, top_k, transform_counts
+from models.scaling import transform_counts
+from models.scoring import fold_in, top_k
 
 pytestmark = pytest.mark.integration
 

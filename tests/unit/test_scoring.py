@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.artifact import ModelArtifact, ModelValidationError, new_version
-from models.scoring import fitted_items, fold_in, gramian, popularity_order, popularity_top_k, top_k, transform_counts
+from models.scoring import fitted_items, fold_in, gramian, popularity_order, popularity_top_k, top_k
 
 
 def _random_csr(rng, n_users: int, n_items: int, max_len: int, empty_every: int = 7):
@@ -165,15 +165,6 @@ def test_popularity_top_k_ranks_by_count_then_index_and_excludes():
     assert np.isnan(scores[2]).all()
     brute, _ = _brute_top_k(np.tile(popularity, (3, 1)), 3, exclude)
     np.testing.assert_array_equal(items, brute)
-
-
-def test_transform_counts():
-    counts = np.array([0, 1, 3, 250])
-    np.testing.assert_array_equal(transform_counts(counts, "none"), counts.astype(np.float32))
-    np.testing.assert_allclose(transform_counts(counts, "log"), np.log1p(counts), rtol=1e-7)
-    assert transform_counts(counts, "log").dtype == np.float32
-    with pytest.raises(ValueError, match="sqrt"):
-        transform_counts(counts, "sqrt")
 
 
 def _artifact(**changes) -> ModelArtifact:
