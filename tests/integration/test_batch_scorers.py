@@ -28,13 +28,13 @@ def test_the_job_reports_every_candidate_and_serves_buy_again_beside_discover(sp
                                   "batch.scorers.blend_weights": [0.5], "batch.recency.half_life_days": 60})
     result = run(job_cfg, spark=spark)
     table = result.metrics["exclude_purchased"]
-    assert {"model", "als", "blend(w=0.5)", "popularity", "item_knn"} <= set(table)
+    assert {"model", "als", "blend(w=0.5)", "popularity", "item_knn(bm25)"} <= set(table)
     selected = result.metrics["selection"]["selected"]
     assert table["model"] == table[selected]
     # Cross-validation ranked every (ALS parameters, scorer) pair; the selection is its best one
     # (or popularity, when no personalised model beats it by the publish margin).
     ranking = result.metrics["cross_validation"]
-    assert {row["model"] for row in ranking} == {"als", "blend(w=0.5)", "popularity", "item_knn"}
+    assert {row["model"] for row in ranking} == {"als", "blend(w=0.5)", "popularity", "item_knn(bm25)"}
     assert [row["mean_map"] for row in ranking] == sorted((row["mean_map"] for row in ranking), reverse=True)
     assert selected in (ranking[0]["model"], "popularity")
     assert result.metrics["buy_again"], "the time split holds out repurchases"
