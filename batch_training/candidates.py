@@ -1,7 +1,7 @@
 """The candidate scorers the batch job chooses among, evaluated through models.scorers.
 
 Every candidate (ALS, ALS blended with popularity at each configured weight, popularity, item-kNN
-with each configured weighting)
+with each configured weighting; ALS and item-kNN at each configured popularity penalty)
 is scored by ``models.scorers.recommend_from_counts`` from the same training counts and the same
 ALS fit, so the evaluation measures exactly what the jobs will serve.
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from models.artifact import ModelArtifact
 from models.neighbours import WEIGHTINGS, KnnParams
+from models.popularity_bias import PENALIZED_TYPES, check_penalty
 from models.scorers import (MODEL_TYPES, best_scores, give_neighbours, needs_vectors, recommend_from_counts,
                             user_vectors)
 
@@ -30,19 +31,23 @@ class Candidate:
     model_type: str
     blend_weight: float | None = None
     knn: KnnParams | None = None        # item-kNN: how its neighbour table is built
+    penalty: float = 0.0                # als, item-kNN: the popularity penalty (models.popularity_bias)
 
     @property
     def name(self) -> str:
         if self.model_type == "blend":
             return f"blend(w={self.blend_weight:g})"
-        if self.knn is not None and self.knn.weighting != "cosine":
-            return f"item_knn({self.knn.weighting})"
-        return self.model_type
+        details = [self.knn.weighting] if self.knn is not None and self.knn.weighting != "cosine" else []
+        details += [f"penalty={self.penalty:g}"] if self.penalty else []
+        return f"{self.model_type}({','.join(details)})" if details else self.model_type
 
     def params(self) -> dict[str, Any]:
-        if self.knn is not None:
-            return self.knn.as_params()
-        return {"blend_weight": self.blend_weight} if self.blend_weight is not None else {}
+        params = self.knn.as_params() if self.knn is not None else {}
+        if self.blend_weight is not None:
+            params["blend_weight"] = self.blend_weight
+        if self.penalty:
+            params["popularity_penalty"] = self.penalty
+        return params
 
 
 def knn_from_config(cfg) -> list[KnnParams]:
@@ -69,12 +74,19 @@ def candidates_from_config(cfg) -> list[Candidate]:
     bad = [w for w in weights if not 0.0 <= w <= 1.0]
     if bad:
         raise ValueError(f"batch.scorers.blend_weights {bad} must lie in [0, 1]")
+    penalties = list(cfg.get_path("batch.scorers.popularity_penalties") or [0.0])
+    bad = [problem for problem in map(check_penalty, penalties) if problem]
+    if bad:
+        raise ValueError(f"batch.scorers.popularity_penalties: {bad[0]}")
+    penalties = [float(p) for p in penalties]
     result: list[Candidate] = []
     for model_type in types:
         if model_type == "blend":
             result += [Candidate("blend", w) for w in weights]
         elif model_type == "item_knn":
-            result += [Candidate("item_knn", knn=knn) for knn in knn_from_config(cfg)]
+            result += [Candidate("item_knn", knn=knn, penalty=p) for knn in knn_from_config(cfg) for p in penalties]
+        elif model_type in PENALIZED_TYPES:
+            result += [Candidate(model_type, penalty=p) for p in penalties]
         else:
             result.append(Candidate(model_type))
     return result

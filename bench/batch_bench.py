@@ -319,7 +319,8 @@ def worker_final(data_path: str) -> None:
     out["refit"] = {"seconds": seconds, **quality(refit)}
     _stage("fold_in: ALS on the older part, every customer folded in")
     fit_seconds, older_fit = _timed(lambda: fit_als(older, params, n_users, n_items))
-    fold_seconds, folded = _timed(lambda: _folded_final(older_fit, train_pairs))
+    buyers = np.bincount(train_pairs.indices, minlength=n_items)  # the model's popularity: distinct buyers
+    fold_seconds, folded = _timed(lambda: _folded_final(older_fit, train_pairs, buyers))
     out["fold_in"] = {"seconds": fold_seconds, "older_fit_seconds": fit_seconds, **quality(folded)}
     _emit(out)
     spark.stop()

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from models import scoring
+from models.popularity_bias import check_penalty
 from models.scaling import SCALINGS
 from models.scorers import MODEL_TYPES
 
@@ -220,6 +221,8 @@ class ModelArtifact:
                 raise ModelValidationError(f"{name} must be JSON-serialisable: {err}") from None
         scaling = self.params.get("scaling", "none")
         _check(scaling in SCALINGS, f"params scaling {scaling!r} must be one of {SCALINGS}")
+        problem = check_penalty(self.params.get("popularity_penalty") or 0.0)
+        _check(problem is None, f"params {problem}")
         for name in ("cutoff_time", "created_at"):
             value = getattr(self, name)
             _check(value is None or _is_iso_time(value), f"{name} {value!r} is not an ISO-8601 time")

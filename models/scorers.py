@@ -15,6 +15,9 @@ Model types (``ModelArtifact.model_type``):
   BM25, the N best kept), score = the summed similarities of the products the customer bought; the
   table is stored with the version (built from the trained purchases for older versions).
 
+``params["popularity_penalty"]`` (models.popularity_bias) scales ALS and item-kNN scores down for
+best sellers; the ranking uses it, the buy-again list's relevance (``pair_scores``) does not.
+
 A customer with no purchase of a product the model knows gets the popularity list (strategy
 ``popularity``), or their segment's (a country, a store: strategy ``segment_popularity``) when the
 artifact has ``params["segment_popularity"]`` (see ``segment_popularity``) and the segment is known;
@@ -26,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from models import scoring
+from models import popularity_bias, scoring
 from models.scaling import als_ratings
 from models.neighbours import KnnParams, item_neighbours, knn_pair_scores, knn_top_k
 
@@ -119,7 +122,7 @@ def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None
     if vectors is None:
         vectors = user_vectors(artifact, indptr, indices, counts)
     if artifact.model_type == "als":
-        return scoring.top_k(vectors, artifact.item_factors, k, exclude=excluded)
+        return scoring.top_k(vectors, _ranked_item_factors(artifact), k, exclude=excluded)
     weight = float(artifact.params.get("blend_weight", 1.0))
     users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight, best=vector_max)
     return scoring.top_k(users, items, k, exclude=excluded)
@@ -201,7 +204,8 @@ def discover(artifact, indptr, indices, counts, k: int) -> tuple[np.ndarray, np.
 
 def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.ndarray,
                 vectors: np.ndarray | None = None) -> np.ndarray:
-    """The model's score of ``items[j]`` for customer ``rows[j]`` (float64), as the ranking uses it."""
+    """The model's score of ``items[j]`` for customer ``rows[j]`` (float64), as the ranking uses it
+    before any popularity penalty (what the customer buys again is not a discovery)."""
     model_type = artifact.model_type
     rows, items = np.asarray(rows, dtype=np.int64), np.asarray(items, dtype=np.int64)
     if model_type == POPULARITY or len(rows) == 0:
@@ -262,8 +266,31 @@ def _knn_top_k(artifact, indptr, indices, counts, k, excluded):
     def fill(k_: int, exclude):
         return scoring.popularity_top_k(artifact.popularity, k_, exclude=exclude)
 
-    return knn_top_k(item_neighbours_of(artifact), indptr, indices, counts, k, knn_params(artifact).weighting,
+    return knn_top_k(_ranked_neighbours(artifact), indptr, indices, counts, k, knn_params(artifact).weighting,
                      excluded, fill)
+
+
+def _ranked_item_factors(artifact) -> np.ndarray:
+    """The item factors ALS ranks with: the artifact's, or scaled by the popularity penalty (cached)."""
+    beta = popularity_bias.penalty_of(artifact.params)
+    if not beta:
+        return artifact.item_factors
+    cache, key = _cache(artifact), ("penalized_factors", beta)
+    if key not in cache:
+        cache[key] = popularity_bias.penalized_factors(artifact.item_factors, artifact.popularity, beta)
+    return cache[key]
+
+
+def _ranked_neighbours(artifact):
+    """The neighbour table item-kNN ranks with: the model's, or its columns scaled by the popularity
+    penalty (cached)."""
+    table, beta = item_neighbours_of(artifact), popularity_bias.penalty_of(artifact.params)
+    if not beta:
+        return table
+    cache, key = _cache(artifact), ("penalized_table", _neighbours_key(knn_params(artifact)), beta)
+    if key not in cache:
+        cache[key] = popularity_bias.penalized_table(table, artifact.popularity, beta)
+    return cache[key]
 
 
 # ----------------------------------------------------------------------------------- internals

@@ -87,8 +87,11 @@ def _assert_same_lists(driver: pd.DataFrame, executors: pd.DataFrame) -> None:
 @pytest.mark.parametrize("candidate, exclude", [(Candidate("als"), True), (Candidate("als"), False),
                                                 (Candidate("blend", 0.5), True), (Candidate("popularity"), True),
                                                 (Candidate("item_knn"), True),
-                                                (Candidate("item_knn", knn=KnnParams(neighbours=5)), True)],
-                         ids=["als", "als-include-purchased", "blend", "popularity", "item_knn", "item_knn-top5"])
+                                                (Candidate("item_knn", knn=KnnParams(neighbours=5)), True),
+                                                (Candidate("als", penalty=0.5), True),
+                                                (Candidate("item_knn", knn=KnnParams(), penalty=0.5), True)],
+                         ids=["als", "als-include-purchased", "blend", "popularity", "item_knn", "item_knn-top5",
+                              "als-penalised", "item_knn-penalised"])
 def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepared, candidate, exclude):
     p = prepared
     driver, _ = _driver_lists(p, candidate, exclude, p["factors"])
@@ -105,7 +108,7 @@ def test_fold_in_on_the_executors_is_the_drivers_fold_in(spark, cfg, tmp_path, p
     from batch_training.job import _folded_final
 
     p = prepared
-    folded = _folded_final(p["factors"], p["pairs"])
+    folded = _folded_final(p["factors"], p["pairs"], p["buyers"])
     driver, _ = _driver_lists(p, Candidate("als"), True, folded)
     executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, Candidate("als"), True, p["factors"], None)
     _assert_same_lists(driver, executors)

@@ -1,0 +1,49 @@
+"""Popularity-bias control: a personalised list's scores divided by the product's popularity to a power.
+
+``params["popularity_penalty"]`` (``beta`` >= 0, 0 or absent: off) multiplies each product's ALS
+or item-kNN score by ``(1 + buyers) ** -beta``: the best sellers, which a customer finds (and
+buys) anyway, give way to products the customer is less likely to have met. Both jobs read it from
+the model's params through ``models.scorers``, so batch and stream lists agree. The blend (which
+mixes popularity back in on purpose), popularity itself and the buy-again list are left alone.
+
+The multiplier is per product, so it folds into the item side: ALS ranks ``u . (m_j v_j)`` with the
+same top-k, item-kNN sums the columns of ``S diag(m)``. The batch job's CV can choose ``beta``
+(``batch.scorers.popularity_penalties``), trading ranking accuracy for coverage and novelty.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PENALIZED_TYPES = ("als", "item_knn")
+
+
+def penalty_of(params: dict | None) -> float:
+    """The model's penalty exponent (0.0 when none is set)."""
+    value = (params or {}).get("popularity_penalty") or 0.0
+    return float(value)
+
+
+def check_penalty(value) -> str | None:
+    """What is wrong with a penalty exponent, or None (for config and artifact checks)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 10.0:
+        return f"popularity_penalty {value!r}: use a number in [0, 10] (0: no penalty)"
+    return None
+
+
+def multipliers(popularity: np.ndarray, beta: float) -> np.ndarray:
+    """``(1 + buyers) ** -beta`` per product (float64)."""
+    return np.power(1.0 + np.asarray(popularity, dtype=np.float64), -float(beta))
+
+
+def penalized_factors(item_factors: np.ndarray, popularity: np.ndarray, beta: float) -> np.ndarray:
+    """ALS item factors whose dot products are the penalised scores (float32)."""
+    return (np.asarray(item_factors, dtype=np.float64) * multipliers(popularity, beta)[:, None]).astype(np.float32)
+
+
+def penalized_table(table, popularity: np.ndarray, beta: float):
+    """An item-kNN neighbour table whose summed columns are the penalised scores (float32 CSR)."""
+    import scipy.sparse as sp
+
+    scaled = (table.astype(np.float64) @ sp.diags(multipliers(popularity, beta))).tocsr().astype(np.float32)
+    scaled.sort_indices()
+    return scaled
