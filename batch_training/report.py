@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ METRIC_ORDER = ("users", *UNIT_METRICS[:4], "coverage", "novelty", "diversity")
 AT_K = {"precision", "recall", "map", "ndcg"}
 NOT_METRICS = {"k", "users"}
 BASELINES = (("popularity", "popularity"), ("item_knn", "item-kNN"))
+PENALTY = re.compile(r",?penalty=([0-9.eE+-]+)")  # candidates.Candidate.name of a penalised scorer
 COLORS = ("#1f5fa8", "#e08a1e", "#4a9a4a", "#8c5fb0", "#b04a4a", "#6b6b6b")
 DECILES = 10
 _ROW_CHUNK = 65_536          # list rows counted at a time, so the count needs no full-size temporary
@@ -243,6 +245,41 @@ def cv_chart(labels: Sequence[str], means: Sequence[float], sds: Sequence[float]
     return _png(figure)
 
 
+def penalty_families(table: Mapping[str, Mapping[str, Any]]) -> dict[str, list[tuple[float, str]]]:
+    """Each scorer with popularity-penalised variants (``als(penalty=0.25)``...): its rows' names by
+    penalty, the unpenalised row first (penalty 0). Empty when the run tried no penalty."""
+    families: dict[str, list[tuple[float, str]]] = {}
+    for name in table:
+        found = PENALTY.search(name)
+        if found:
+            base = PENALTY.sub("", name).replace("()", "")
+            families.setdefault(base, []).append((float(found.group(1)), name))
+    return {base: sorted([(0.0, base)] * (base in table) + rows) for base, rows in families.items()}
+
+
+def tradeoff_chart(table: Mapping[str, Mapping[str, Any]], families: Mapping[str, Sequence[tuple[float, str]]],
+                   metric: str, k: int | None) -> str:
+    """Accuracy against catalogue coverage, one line per penalised scorer (points labelled with the
+    penalty) and popularity as a reference: what each penalty costs and what it buys."""
+    figure = _figure(9.5, 3.8)
+    axis = figure.add_subplot()
+    for i, (base, rows) in enumerate(families.items()):
+        xs = [_number(table[name].get("coverage")) for _, name in rows]
+        ys = [_number(table[name].get(metric)) for _, name in rows]
+        axis.plot(xs, ys, marker="o", color=COLORS[i % len(COLORS)], label=base)
+        for (penalty, _), x, y in zip(rows, xs, ys):
+            axis.annotate(f"{penalty:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    if "popularity" in table:
+        axis.plot([_number(table["popularity"].get("coverage"))], [_number(table["popularity"].get(metric))],
+                  marker="s", linestyle="none", color="#444", label="popularity")
+    axis.set_xlabel("catalogue coverage (share of products in some list)")
+    axis.set_ylabel(_metric_label(metric, k))
+    axis.legend(fontsize="small", loc="best")
+    axis.grid(alpha=0.3)
+    axis.set_axisbelow(True)
+    return _png(figure)
+
+
 def histograms_chart(panels: Sequence[tuple[str, str, Histogram]]) -> str:
     """Side-by-side histograms on log-log axes (long tails stay readable at both ends)."""
     figure = _figure(9.5, 3.2)
@@ -427,6 +464,14 @@ def baselines_section(metrics: Mapping[str, Any]) -> str:
                      "precision, recall, MAP and nDCG over the customers with held-out purchases, coverage, "
                      "novelty (bits) and diversity over all their lists."
                      + (f" Not evaluated in this run: {_e(', '.join(missing))}." if missing else "") + "</p>")
+        families = penalty_families(tables[main])
+        if families and "coverage" in names and "ndcg" in names:
+            parts.append("<h3>Popularity penalty: accuracy against coverage</h3>")
+            parts.append(_img(tradeoff_chart(tables[main], families, "ndcg", k),
+                              "nDCG against catalogue coverage for each popularity penalty"))
+            parts.append('<p class="note">Each point is a scorer at one popularity penalty (the label; '
+                         "batch.scorers.popularity_penalties), scored on the same holdout: higher penalties "
+                         "reach more of the catalogue at some cost in accuracy.</p>")
     else:
         parts.append('<p class="note">This run measured no ranking metric on the holdout.</p>')
     for key, table in tables.items():

@@ -127,12 +127,14 @@ def _chromium_command(chromium: str, work: Path, *args: str) -> list[str]:
             "--disable-extensions", f"--user-data-dir={work / 'profile'}", *args]
 
 
-def _check_page(page: _Page, cv_images: int) -> None:
+def _check_page(page: _Page, cv_images: int, tradeoff: bool = False) -> None:
     assert page.body.get("images-loaded") == "true", f"images not loaded: {page.body}"
     per_section = json.loads(page.body["sections"])
     assert list(per_section) == list(SECTIONS)
-    assert per_section == {"overview": 0, "baselines": 1, "cross-validation": cv_images, "purchases": 1, "lists": 1}
-    assert int(page.body["images"]) == len(page.sources) == 3 + cv_images
+    assert per_section == {"overview": 0, "baselines": 1 + tradeoff, "cross-validation": cv_images, "purchases": 1,
+                           "lists": 1}
+    assert int(page.body["images"]) == len(page.sources) == 3 + cv_images + tradeoff
+    assert ("accuracy against coverage" in page.text["baselines"]) == tradeoff
     # Self-contained: every image is an embedded PNG, nothing is fetched from anywhere.
     assert all(src.startswith("data:image/png;base64,") for src in page.sources)
     assert page.links == []
@@ -166,13 +168,16 @@ def test_each_run_writes_a_report_that_chromium_renders_whole(spark, cfg, tmp_pa
     assert "Cross-validation was off for this run" in page.text["cross-validation"]
 
     tuned = _run_job(spark, cfg, tmp_path / "tuned", sample, caplog,
-                     **{"batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]}})
+                     **{"batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]},
+                        "batch.scorers.popularity_penalties": [0, 0.5]})
     page = _open(chromium, tuned, tmp_path / "tuned-view")
-    _check_page(page, cv_images=1)
+    _check_page(page, cv_images=1, tradeoff=True)
+    assert "als(penalty=0.5)" in page.text["baselines"], "each penalised scorer has its holdout row"
     cv_text = page.text["cross-validation"]
     summary = json.loads((tuned.parent / "run_summary.json").read_text())
     candidates = summary["metrics"]["cross_validation"]
     assert len(candidates) >= 4, "two ALS ranks x the ALS-based scorers, plus popularity and item-kNN"
+    assert any("penalty=0.5" in row["model"] for row in candidates), "the CV weighs the penalised scorers too"
     assert "2-fold cross-validation" in cv_text and "rank=4" in cv_text and "rank=8" in cv_text
     assert len(re.findall(r"\d\.\d{4} ± \d\.\d{4}", cv_text)) == len(candidates)
 
