@@ -635,14 +635,14 @@ def _recommend_all(artifact, all_pairs: PairArrays, exclude_purchased: bool, k: 
     the other model types are scored by models.scorers from the counts, as the stream scores them.
     The executor path (per_customer.py) gives the same lists.
     """
-    from models.scorers import recommend_from_counts
+    from models.scorers import ranked_item_factors, recommend_from_counts
     from models.scoring import top_k
 
     if artifact.model_type != "als":
         return recommend_from_counts(artifact, all_pairs.indptr, all_pairs.indices, all_pairs.counts, k,
                                      exclude_purchased)
     users = np.arange(factors.user_factors.shape[0])
-    item_idx, scores = top_k(factors.user_factors, factors.item_factors, k,
+    item_idx, scores = top_k(factors.user_factors, ranked_item_factors(artifact), k,
                              exclude=all_pairs.rows(users) if exclude_purchased else None)
     return item_idx, scores, ["personalized"] * len(item_idx)
 

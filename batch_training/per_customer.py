@@ -110,7 +110,7 @@ def score_partition(model, frame: pd.DataFrame, settings: TaskSettings) -> pd.Da
     if settings.use_factors:
         vectors = np.stack([np.asarray(v, dtype=np.float32) for v in frame["factors"]]) if len(frame) else \
             np.zeros((0, model.rank), dtype=np.float32)
-        item_idx, scores = scoring.top_k(vectors, model.item_factors, k,
+        item_idx, scores = scoring.top_k(vectors, scorers.ranked_item_factors(model), k,
                                          exclude=(indptr, indices) if settings.exclude_purchased else None)
         strategies = [scorers.PERSONALIZED] * len(frame)
     else:

@@ -122,7 +122,7 @@ def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None
     if vectors is None:
         vectors = user_vectors(artifact, indptr, indices, counts)
     if artifact.model_type == "als":
-        return scoring.top_k(vectors, _ranked_item_factors(artifact), k, exclude=excluded)
+        return scoring.top_k(vectors, ranked_item_factors(artifact), k, exclude=excluded)
     weight = float(artifact.params.get("blend_weight", 1.0))
     users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight, best=vector_max)
     return scoring.top_k(users, items, k, exclude=excluded)
@@ -270,7 +270,7 @@ def _knn_top_k(artifact, indptr, indices, counts, k, excluded):
                      excluded, fill)
 
 
-def _ranked_item_factors(artifact) -> np.ndarray:
+def ranked_item_factors(artifact) -> np.ndarray:
     """The item factors ALS ranks with: the artifact's, or scaled by the popularity penalty (cached)."""
     beta = popularity_bias.penalty_of(artifact.params)
     if not beta:

@@ -18,6 +18,8 @@ from batch_training.evaluation import item_popularity
 from batch_training.per_customer import partitions_for, run_on_executors, seed_item_neighbours, use_executors
 from batch_training.train import AlsParams, PairArrays, fit_als
 from models.neighbours import KnnParams
+from models.popularity_bias import penalized_factors
+from models.scoring import top_k
 from models.store import ModelStore
 
 pytestmark = [pytest.mark.integration]
@@ -98,6 +100,14 @@ def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepare
     executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, candidate, exclude, p["factors"],
                                              p["factors"].user_factors_df)
     _assert_same_lists(driver, executors)
+    if candidate.model_type == "als" and candidate.penalty:
+        # The published lists rank by the penalised scores, as the evaluation and the stream do.
+        penalised = penalized_factors(p["factors"].item_factors, p["buyers"], candidate.penalty)
+        users = np.arange(p["maps"].n_users)
+        want, _ = top_k(p["factors"].user_factors, penalised, K, exclude=p["pairs"].rows(users))
+        ids = p["product_ids"]
+        want_lists = {c: [ids[i] for i in row if i >= 0] for c, row in zip(p["customer_ids"], want)}
+        assert [list(v) for v in driver["recommendations"]] == [want_lists[c] for c in driver.index]
     assert outputs.written == p["maps"].n_users
     # Several tasks did the work: the sample's customers in partitions of at most 60.
     assert len(outputs.user_parts) == partitions_for(p["maps"].n_users, 60, spark) > 1
