@@ -172,3 +172,43 @@ def test_an_item_knn_version_is_served_from_the_neighbour_table_stored_with_it(t
     messages = [json.loads(v) for v in records["value"]]
     assert [m["recommendations"] for m in messages] == [r.to_message()["recommendations"] for r in expected]
     assert all(m["strategy"] == "personalized" for m in messages)
+
+
+@pytest.mark.parametrize("model_type, params", [
+    ("als", {"scaling": "log"}), ("als", {"scaling": "bm25", "scaling_k1": 100.0, "scaling_b": 0.8}),
+    ("als", {"popularity_penalty": 0.5}), ("blend", {"scaling": "log", "blend_weight": 0.5}),
+    ("item_knn", {"knn_weighting": "bm25", "popularity_penalty": 0.25})],
+    ids=["als-log", "als-bm25", "als-penalty", "blend-log", "item_knn-bm25-penalty"])
+def test_the_stream_lists_what_the_batch_lists_under_each_transform_and_penalty(tmp_path, model_type, params):
+    """Customers whose only purchase since the cutoff is of a product the model does not know: the
+    stream scores their trained counts alone, through the model's own count scaling and popularity
+    penalty, so each list is the batch's for that customer (``recommend_from_counts`` over the
+    trained counts, which the batch job writes for these types; for ALS when the final model is
+    folded in, and a refit's user factors are that fold-in, see test_scaling_spark)."""
+    from models.scorers import item_neighbours_of, recommend_from_counts
+    from tests.small_models import skewed_model
+
+    model = skewed_model(model_type, **params)
+    if model_type == "item_knn":
+        model.item_neighbours = item_neighbours_of(model)         # stored with the version, as the batch does
+    store = ModelStore(str(tmp_path / "models"))
+    store.publish(model.validate())
+    executor._models.clear()
+    customers = list(model.user_ids[:20])
+    cutoff_ms = ServingModel.prepare(model).cutoff_ms
+    frame = pd.DataFrame([(c, ["UNKNOWN"], [1], [AFTER_MS], 1, 0, 0, [AFTER_MS + 100], {"tx-0": i}, cutoff_ms, None)
+                          for i, c in enumerate(customers)], columns=list(OUTPUT_COLUMNS))
+    records, _ = score_frame(frame, model.version, batch_id=1, batch_started_ms=BATCH_START_MS,
+                             settings=settings_for(store))
+    streamed = {json.loads(v)["customer_id"]: [r["product_id"] for r in json.loads(v)["recommendations"]]
+                for v in records["value"]}
+
+    def batch_lists(artifact) -> list[list[str]]:
+        item_idx, _, _ = recommend_from_counts(artifact, *artifact.user_items_of(artifact.user_index(customers)), 3,
+                                               True)
+        return [[str(artifact.item_ids[i]) for i in row if i >= 0] for row in item_idx]
+
+    assert [streamed[c] for c in customers] == batch_lists(model)
+    # Not vacuous: the transform or penalty changes some of these lists.
+    assert batch_lists(skewed_model(model_type, **{k: v for k, v in params.items()
+                                                   if k in ("blend_weight", "knn_weighting")})) != batch_lists(model)

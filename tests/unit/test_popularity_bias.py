@@ -13,30 +13,14 @@ from models.config import load_config
 from models.neighbours import KnnParams, knn_scores
 from models.popularity_bias import check_penalty, multipliers
 from models.scorers import buy_again, item_neighbours_of, recommend_from_counts, user_vectors
-from models.scoring import top_k
+from tests.small_models import skewed_model
 
 
 def _artifact(model_type: str, penalty: float | None = None, seed: int = 4) -> ModelArtifact:
-    rng = np.random.default_rng(seed)
-    n_users, n_items, rank = 60, 50, 5
-    lengths = rng.integers(1, 9, n_users)
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    # Skewed purchases: the low indices sell most, so popularity and the scores are related.
-    indices = np.concatenate([np.sort(rng.choice(n_items, size=n, replace=False,
-                                                 p=np.linspace(3, 0.2, n_items) / np.linspace(3, 0.2, n_items).sum()))
-                              for n in lengths]).astype(np.int32)
-    params = {"rank": rank, "reg_param": 0.1, "alpha": 2.0, "implicit_prefs": True, "scaling": "none",
-              "knn_neighbours": 20, "knn_weighting": "cosine"}
-    if penalty is not None:
-        params["popularity_penalty"] = penalty
-    return ModelArtifact(
-        version=new_version(), model_type=model_type, item_ids=np.array([f"P{i}" for i in range(n_items)]),
-        item_factors=rng.normal(size=(n_items, rank)).astype(np.float32),
-        user_ids=np.array([f"C{u}" for u in range(n_users)]),
-        user_factors=rng.normal(size=(n_users, rank)).astype(np.float32),
-        popularity=np.bincount(indices, minlength=n_items).astype(np.float64),
-        user_items_indptr=indptr, user_items_indices=indices,
-        user_items_counts=rng.integers(1, 4, indptr[-1]).astype(np.float32), params=params).validate()
+    extra = {} if penalty is None else {"popularity_penalty": penalty}
+    artifact = skewed_model(model_type, seed, **extra)
+    artifact.version = new_version()
+    return artifact.validate()
 
 
 def _mean_popularity(artifact: ModelArtifact, items: np.ndarray) -> float:
