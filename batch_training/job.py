@@ -127,6 +127,7 @@ def check_settings(cfg: Config) -> AlsParams:
     base = als_params_from_config(cfg)
     try:
         grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
+        grid += params_grid(base, grid_for_catalogue(cfg, 0))
         candidates_from_config(cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -246,7 +247,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
     most_evaluated = cfg.get_path("batch.holdout.max_evaluated_customers")
     chosen, selected, cv_summary = base, scorers[0], []
     folds_k = int(cfg.get_path("batch.cv_folds"))
-    grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
+    grid = params_grid(base, grid_for_catalogue(cfg, n_items))
     if folds_k >= 2 and (len(grid) > 1 or len(scorers) > 1):
         stages.start(f"cross-validation ({folds_k} folds x {len(grid)} ALS candidates x {len(scorers)} scorers)")
         fold_scorer = _fold_scorer(k, exclude, metric, n_users, n_items, scorers, partitions, most_evaluated)
@@ -434,6 +435,22 @@ def _split_method(cfg: Config, data_cfg: dict) -> str:
 def _indexed_events(events, maps):
     return (events.join(maps.customers, "customer_id").join(maps.products, "product_id")
             .select("user", "item", "quantity", "event_time"))
+
+
+def grid_for_catalogue(cfg: Config, n_items: int) -> dict:
+    """``batch.grid``, where the catalogue has at most ``batch.small_catalogue.max_products``
+    products with ``batch.small_catalogue.grid``'s values for the keys both name: a few hundred
+    products need few factors, and a rank-128 fit over them only overfits at full cost. A key
+    ``batch.grid`` does not race (``batch.grid: {}``) stays the configured ``batch.als`` value."""
+    grid = dict(cfg.get_path("batch.grid", {}) or {})
+    small = cfg.get_path("batch.small_catalogue", {}) or {}
+    if small.get("max_products") is None or n_items > int(small["max_products"]):
+        return grid
+    replaced = {key: values for key, values in (small.get("grid") or {}).items() if key in grid}
+    if replaced and n_items:
+        log.info("%s products <= batch.small_catalogue.max_products (%s): the CV grid takes %s", f"{n_items:,}",
+                 small["max_products"], replaced)
+    return {**grid, **replaced}
 
 
 def _scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate]:

@@ -1,8 +1,12 @@
 """Cross-validation's choice of (ALS parameters, scorer): best mean wins, popularity guards it."""
 from __future__ import annotations
 
+import pytest
+
 from batch_training.candidates import Candidate, select_model
+from batch_training.job import check_settings, grid_for_catalogue
 from batch_training.train import AlsParams, CandidateResult, Race
+from models.config import ConfigError, load_config
 
 ALS, BLEND, POP = Candidate("als"), Candidate("blend", 0.5), Candidate("popularity")
 
@@ -72,3 +76,18 @@ def test_a_set_the_race_stopped_is_listed_but_never_chosen():
     assert [(row["params"], row["folds"]) for row in rows if row["candidate"] == ALS] == [(finished, 3), (stopped, 1)]
     popularity = [row for row in rows if row["candidate"] == POP]
     assert len(popularity) == 1 and popularity[0]["folds"] == 3     # from a set that ran every fold
+
+
+def test_a_small_catalogue_races_the_small_catalogue_ranks_in_place_of_the_grids():
+    cfg = load_config().with_overrides({"batch.grid": {"rank": [64, 128], "alpha": [1.0, 10.0]},
+                                        "batch.small_catalogue": {"max_products": 500, "grid": {"rank": [8, 32]}}})
+    assert grid_for_catalogue(cfg, 501) == {"rank": [64, 128], "alpha": [1.0, 10.0]}
+    assert grid_for_catalogue(cfg, 500) == {"rank": [8, 32], "alpha": [1.0, 10.0]}
+    # A key the grid does not race stays batch.als's value, however small the catalogue.
+    fixed = cfg.with_overrides({"batch.grid": {"alpha": [1.0, 10.0]}})
+    assert grid_for_catalogue(fixed, 10) == {"alpha": [1.0, 10.0]}
+    off = cfg.with_overrides({"batch.small_catalogue.max_products": None})
+    assert grid_for_catalogue(off, 10) == {"rank": [64, 128], "alpha": [1.0, 10.0]}
+    # Its values are checked before Spark starts, like the grid's.
+    with pytest.raises(ConfigError, match="rank"):
+        check_settings(cfg.with_overrides({"batch.small_catalogue.grid": {"rank": [0]}}))
