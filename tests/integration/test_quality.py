@@ -79,3 +79,7 @@ def test_a_replayed_sequence_gives_the_exact_hit_counts(spark, cfg, kafka_broker
                 row[i] += int(registry.get_sample_value(name, labels) or 0)
     assert scraped == expected
     assert sum(sum(t[0] for t in job.quality.total.counts.values()) for job in jobs) == 2
+    from tools.quality import hit_rates, read_summaries
+
+    assert {(r["model_version"], r["strategy"]): [r["judged"], r["hits"], r["baseline_hits"]]
+            for r in hit_rates(read_summaries(job_cfg))} == expected

@@ -70,3 +70,20 @@ def test_baseline_excludes_what_was_bought_and_tally_merges():
     other.add("v", "popularity", 2, 0, 1)
     total.merge(other)
     assert total.rows() == [("v", "popularity", 3, 1, 1)]
+
+
+def test_the_tool_sums_windows_per_group_and_prints_them_beside_the_baseline():
+    from tools.quality import format_table, hit_rates
+
+    records = [{"groups": [{"model_version": "v1", "strategy": "personalized", "judged": 4, "hits": 1,
+                            "baseline_hits": 0}]},
+               {"groups": [{"model_version": "v1", "strategy": "personalized", "judged": 6, "hits": 2,
+                            "baseline_hits": 1},
+                           {"model_version": "v1", "strategy": "popularity", "judged": 0, "hits": 0,
+                            "baseline_hits": 0}]}]
+    rows = hit_rates(records)
+    assert [(r["strategy"], r["judged"], r["hits"], r["baseline_hits"]) for r in rows] == \
+        [("personalized", 10, 3, 1), ("popularity", 0, 0, 0)]
+    table = format_table(rows, 10).splitlines()
+    assert "30.0%" in table[1] and "10.0%" in table[1] and table[2].split()[-2:] == ["-", "-"]
+    assert table[-1].split()[:3] == ["all", "all", "10"]
