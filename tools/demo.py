@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         stream_log = logs / "streaming.log"
         with open(stream_log, "w") as log:
             streaming = subprocess.Popen([sys.executable, "-m", "streaming"], stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO_ROOT, env={**os.environ, "RECO__STREAMING__TRIGGER_INTERVAL": "1 second"})
+                                         cwd=REPO_ROOT, env={**os.environ, "RECO__STREAMING__TRIGGER_INTERVAL": "1 second",
+                                                        "RECO__STREAMING__QUALITY__TRIGGER_INTERVAL": "2 seconds",
+                                                        "RECO__STREAMING__QUALITY__SUMMARY_INTERVAL": "5 seconds"})
         if not wait_for(lambda: "streaming scorer started" in stream_log.read_text(errors="replace"), 180,
                         "the streaming job to start"):
             print(stream_log.read_text()[-3000:])
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         reasons = dead_letter_summary(cfg, sent_ms)
         print(f"   dead-letter topic: {sum(reasons.values())} events — "
               + ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
+        print_live_hit_rate(cfg, sent_ms)
     finally:
         if streaming is not None and streaming.poll() is None:
             streaming.send_signal(signal.SIGTERM)
@@ -242,6 +245,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n   stopped what the demo started: {', '.join(services[k].name for k in started)}")
         print(f"   demo took {time.monotonic() - started_at:.0f} s; logs in {logs}")
     return 0
+
+
+def print_live_hit_rate(cfg: Config, since_ms: int, wait_s: float = 20) -> None:
+    """The quality monitor's hit@10 since the replay, beside the popularity baseline (its
+    summaries come every few seconds here)."""
+    from tools.quality import format_table, hit_rates, read_summaries
+
+    rows: list = []
+
+    def judged() -> bool:
+        rows[:] = hit_rates(read_summaries(cfg, since_ms))
+        return bool(rows)
+
+    wait_for(judged, wait_s, "the quality monitor's summary")
+    if not rows:
+        print("   live hit rate: no purchase judged yet (a customer's first purchase has no list shown before it)")
+        return
+    print(f"   live hit rate (python -m tools quality):\n      "
+          + format_table(rows, int(cfg.get_path("streaming.k"))).replace("\n", "\n      "))
 
 
 def _item(cfg: Config, customer: str) -> dict | None:
