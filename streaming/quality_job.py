@@ -49,26 +49,31 @@ def quality_source(spark, cfg: Config, settings: StreamingSettings):
 
 
 def parse_rows(raw: pd.DataFrame, rules: ValidationRules, transactions_topic: str) -> pd.DataFrame:
-    """Raw Kafka rows (topic, partition, offset, value, timestamp ms) -> ``INPUT_SCHEMA`` rows: the
-    valid purchases and the stream's lists (batch lists and invalid events are left out)."""
-    out = []
+    """Raw Kafka rows (topic, partition, offset, value, kafka_ts_ms) -> ``INPUT_SCHEMA`` rows: the
+    valid purchases and the stream's lists (batch lists and invalid events are left out). Pure
+    (no Spark), for the unit tests."""
+    out: list[tuple] = []
     is_tx = (raw["topic"] == transactions_topic).to_numpy()
-    tx, recs = raw[is_tx], raw[~is_tx]
-    if len(tx):
-        valid = validate_values(list(tx["value"]), rules, tx["kafka_ts_ms"].astype(np.int64).tolist())
-        keep = valid["reason"].isna().to_numpy()
-        for (_, source), (_, event) in zip(tx[keep].iterrows(), valid[keep].iterrows()):
-            out.append((event["customer_id"], PURCHASE, event["event_id"], event["product_id"],
-                        f"{source['topic']}-{source['partition']}", int(source["offset"]), None, None, None, None, None))
-    for _, source in recs.iterrows():
+    partitions = (raw["topic"].astype(str) + "-" + raw["partition"].astype(str)).tolist()
+    offsets = raw["offset"].astype(np.int64).tolist()
+    tx_rows = np.flatnonzero(is_tx)
+    if len(tx_rows):
+        valid = validate_values([raw["value"].iat[i] for i in tx_rows], rules,
+                                raw["kafka_ts_ms"].to_numpy(np.int64)[tx_rows].tolist())
+        for i, customer, event_id, product, reason in zip(tx_rows, valid["customer_id"], valid["event_id"],
+                                                          valid["product_id"], valid["reason"]):
+            if reason is None or reason != reason:      # valid (None / NaN reason)
+                out.append((customer, PURCHASE, event_id, product, partitions[i], offsets[i],
+                            None, None, None, None, None))
+    for i in np.flatnonzero(~is_tx):
         try:
-            record = json.loads(source["value"])
+            record = json.loads(raw["value"].iat[i])
         except (TypeError, ValueError):
             continue
         if not isinstance(record, dict) or record.get("source") != "stream" or not record.get("customer_id"):
             continue
-        out.append((str(record["customer_id"]), LIST, None, None, f"{source['topic']}-{source['partition']}",
-                    int(source["offset"]), [str(r["product_id"]) for r in record.get("recommendations") or []],
+        out.append((str(record["customer_id"]), LIST, None, None, partitions[i], offsets[i],
+                    [str(r["product_id"]) for r in record.get("recommendations") or []],
                     str(record.get("model_version")), str(record.get("strategy")),
                     {str(k): int(v) for k, v in (record.get("source_offsets") or {}).items()},
                     int(record.get("computed_at_ms") or 0)))

@@ -87,3 +87,29 @@ def test_the_tool_sums_windows_per_group_and_prints_them_beside_the_baseline():
     table = format_table(rows, 10).splitlines()
     assert "30.0%" in table[1] and "10.0%" in table[1] and table[2].split()[-2:] == ["-", "-"]
     assert table[-1].split()[:3] == ["all", "all", "10"]
+
+
+def test_parse_rows_keeps_valid_purchases_and_stream_lists_only():
+    import json
+
+    import pandas as pd
+
+    from streaming.events import ValidationRules
+    from models.config import load_config
+    from streaming.quality_job import parse_rows
+
+    now = 1_767_607_200_000
+    good = {"event_id": "e1", "customer_id": "c1", "product_id": "p1", "quantity": 1,
+            "event_time": "2026-01-05T10:00:00Z"}
+    stream_list = {"customer_id": "c1", "source": "stream", "model_version": "v1", "strategy": "personalized",
+                   "recommendations": [{"rank": 1, "product_id": "a", "score": 1.0}], "source_offsets": {"tx-0": 4},
+                   "computed_at_ms": now}
+    values = [json.dumps(good).encode(), b"not json", json.dumps(stream_list).encode(),
+              json.dumps({**stream_list, "source": "batch"}).encode(), b"{"]
+    raw = pd.DataFrame({"topic": ["tx", "tx", "recs", "recs", "recs"], "partition": [0, 0, 1, 1, 1],
+                        "offset": [4, 5, 7, 8, 9], "value": values, "kafka_ts_ms": [now] * 5})
+    rows = parse_rows(raw, ValidationRules.from_config(load_config()), "tx")
+    assert rows[["customer_id", "kind", "source_partition", "source_offset"]].values.tolist() == \
+        [["c1", PURCHASE, "tx-0", 4], ["c1", LIST, "recs-1", 7]]
+    assert rows["event_id"].iloc[0] == "e1" and rows["list_products"].iloc[1] == ["a"]
+    assert rows["list_offsets"].iloc[1] == {"tx-0": 4} and rows["list_computed_ms"].iloc[1] == now
