@@ -275,6 +275,7 @@ class StreamingJob:
         self.recommendations_topic = str(cfg.get_path("kafka.topics.recommendations"))
         self.table_name = str(cfg.get_path("dynamodb.table")) if write_table else None
         self.queries: list = []
+        self.quality = None              # the QualityMonitor when streaming.quality.enabled
         self._listener = None
         self._stop_requested = threading.Event()
         self._stopped = False
@@ -311,8 +312,11 @@ class StreamingJob:
                        self.settings, self.holder, self.executor_settings,
                        sink_kafka_options(self.cfg, self.settings), self.metrics))
                    .option("checkpointLocation", f"{checkpoint}/scoring"))
-        for writer, interval_ms in ((dead_letter, self.settings.dead_letter_trigger_interval_ms),
-                                    (scoring, self.settings.trigger_interval_ms)):
+        writers = [(dead_letter, self.settings.dead_letter_trigger_interval_ms),
+                   (scoring, self.settings.trigger_interval_ms)]
+        if self.settings.quality_enabled:
+            writers.append((self._quality_writer(f"{checkpoint}/quality"), self.settings.quality_trigger_interval_ms))
+        for writer, interval_ms in writers:
             writer = (writer.trigger(availableNow=True) if available_now
                       else writer.trigger(processingTime=f"{interval_ms} milliseconds"))
             self.queries.append(writer.start())
@@ -323,6 +327,15 @@ class StreamingJob:
                  f"every {self.settings.trigger_interval_ms} ms (dead letters every "
                  f"{self.settings.dead_letter_trigger_interval_ms} ms)")
         return self
+
+    def _quality_writer(self, checkpoint: str):
+        """The reco-quality query (streaming/quality_job.py), last: it reads what scoring wrote."""
+        from streaming.quality_job import QUALITY_QUERY, QualityMonitor, quality_stream
+
+        self.quality = QualityMonitor(self.cfg, self.settings, self.holder, self.metrics.exporter)
+        return (quality_stream(self.spark, self.cfg, self.settings, self.rules).writeStream
+                .queryName(QUALITY_QUERY).outputMode("update").foreachBatch(self.quality)
+                .option("checkpointLocation", checkpoint))
 
     @property
     def metrics_port(self) -> int | None:
@@ -387,6 +400,8 @@ class StreamingJob:
             if query.isActive:
                 query.stop()
         self._report_missed_progress()
+        if self.quality is not None:
+            self.quality.close()        # the last window's summary
         if self._listener is not None:
             self.spark.streams.removeListener(self._listener)
             self._listener = None

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SCORING_QUERY = "reco-scoring"
 DEAD_LETTER_QUERY = "reco-dead-letter"
+QUALITY_QUERY = "reco-quality"     # streaming/quality_job.py: alive-ness only here, its counts go elsewhere
 VALIDATION_OBSERVATION = "validation"
 REASON_PREFIX = "reason_"       # the observation's per-reason counts: reason_<kind>
 
@@ -123,6 +124,9 @@ class StreamMetrics:
         delivers it first.
         """
         name = progress.name or ""
+        if name == QUALITY_QUERY:
+            self.on_idle(name)            # alive; its figures are the quality monitor's
+            return None
         if name not in (SCORING_QUERY, DEAD_LETTER_QUERY) or "addBatch" not in (progress.durationMs or {}):
             return None   # another query, or an idle trigger's report (no batch ran)
         seen = (name, str(progress.runId), int(progress.batchId))

@@ -85,6 +85,16 @@ class Exporter:
                          "Messages in the transactions topic not yet read by the scoring query",
                          ["partition"], registry=registry)
         self.model = Info("reco_model", "The model version the driver serves", registry=registry)
+        labels = ["model_version", "strategy"]
+        self.quality_judged = Counter("reco_quality_judged_purchases",
+                                      "Purchases judged against the last list the stream emitted to the customer",
+                                      labels, registry=registry)
+        self.quality_hits = Counter("reco_quality_hits", "Judged purchases that were in that list (hit@k)",
+                                    labels, registry=registry)
+        self.quality_baseline_hits = Counter("reco_quality_baseline_hits",
+                                             "Judged purchases that were in the popularity top-k (the live "
+                                             "baseline), by the judged list's version and strategy",
+                                             labels, registry=registry)
         self.last_progress = Gauge("reco_last_progress_timestamp_seconds",
                                    "When each query last reported progress", ["query"], registry=registry)
 
@@ -101,6 +111,13 @@ class Exporter:
             self.batch_seconds.labels(phase).observe(ms / 1000)
         self.latency.add(figures.latency)
         self.model.info({"version": figures.model_version or "none"})
+
+    def on_quality(self, tally) -> None:
+        """One quality micro-batch's counts (streaming.quality.Tally)."""
+        for version, strategy, judged, hits, baseline in tally.rows():
+            self.quality_judged.labels(version, strategy).inc(judged)
+            self.quality_hits.labels(version, strategy).inc(hits)
+            self.quality_baseline_hits.labels(version, strategy).inc(baseline)
 
     # -- from Spark's progress ---------------------------------------------------------------
     def on_progress(self, query: str, progress, scoring: bool, invalid_by_reason: dict[str, int]) -> None:

@@ -17,6 +17,7 @@ VERSION_PROPERTY = "reco.served.version"
 CUTOFF_PROPERTY = "reco.served.cutoff_ms"
 BATCH_PROPERTY = "reco.batch.id"
 STARTED_PROPERTY = "reco.batch.started_ms"   # the driver's clock at the batch start (latency)
+POPULAR_PROPERTY = "reco.served.popular"  # the quality query's baseline: product ids by popularity, JSON
 NO_MODEL = ""        # no model served yet: purchases are kept, none is dropped as "in the model"
 
 
@@ -45,6 +46,21 @@ def served_version() -> str | None:
 def served_batch() -> tuple[int, int]:
     """Executor side: (batch id, the driver's batch start in epoch ms) of this task's batch."""
     return int(_property(BATCH_PROPERTY) or -1), int(_property(STARTED_PROPERTY) or 0)
+
+
+def hand_popular_to_executors(spark_context, products: list[str]) -> None:
+    """Driver side: the served model's products by popularity (best first) for the quality
+    query's baseline in the batch about to run on this thread."""
+    import json
+
+    spark_context.setLocalProperty(POPULAR_PROPERTY, json.dumps(products))
+
+
+def served_popular() -> list[str]:
+    """Executor side: the popularity list the driver handed over ([] when none is served)."""
+    import json
+
+    return json.loads(_property(POPULAR_PROPERTY) or "[]")
 
 
 def _property(name: str) -> str | None:

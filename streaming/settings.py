@@ -45,6 +45,11 @@ class StreamingSettings:
     health_max_silence_ms: int        # /healthz fails when a query reported nothing for this long
     transactions_topic: str
     dead_letter_topic: str
+    recommendations_topic: str
+    quality_enabled: bool             # the reco-quality query (streaming/quality_job.py)
+    quality_trigger_interval_ms: int
+    quality_summary_interval_ms: int  # how often a summary record goes to the quality topic
+    quality_topic: str
 
     @classmethod
     def from_config(cls, cfg: Config) -> "StreamingSettings":
@@ -84,4 +89,11 @@ class StreamingSettings:
                                               "streaming.metrics.health_max_silence"),
             transactions_topic=str(cfg.get_path("kafka.topics.transactions")),
             dead_letter_topic=str(cfg.get_path("kafka.topics.dead_letter")),
+            recommendations_topic=str(cfg.get_path("kafka.topics.recommendations")),
+            quality_enabled=bool(cfg.get_path("streaming.quality.enabled")),
+            quality_trigger_interval_ms=duration_ms(cfg.get_path("streaming.quality.trigger_interval"),
+                                                    "streaming.quality.trigger_interval"),
+            quality_summary_interval_ms=duration_ms(cfg.get_path("streaming.quality.summary_interval"),
+                                                    "streaming.quality.summary_interval"),
+            quality_topic=str(cfg.get_path("kafka.topics.quality")),
         )

@@ -13,7 +13,8 @@ def isolated_config(cfg, folder: Path | None = None, overrides: Mapping[str, Any
     suffix = uuid.uuid4().hex[:8]
     own: dict[str, Any] = {
         "kafka.topics.transactions": f"tx-{suffix}", "kafka.topics.recommendations": f"recs-{suffix}",
-        "kafka.topics.dead_letter": f"dlq-{suffix}", "dynamodb.table": f"recs-{suffix}"}
+        "kafka.topics.dead_letter": f"dlq-{suffix}", "kafka.topics.quality": f"quality-{suffix}",
+        "dynamodb.table": f"recs-{suffix}"}
     if folder is not None:
         own.update({"model_store.uri": str(folder / "models"), "streaming.checkpoint_dir": str(folder / "checkpoints")})
     return cfg.with_overrides({**own, **(overrides or {})})

@@ -1,4 +1,4 @@
-"""python -m tools {replay|tail|lookup|demo|refill-table|models} ...: the same commands as python -m tools.<module>."""
+"""python -m tools {replay|tail|lookup|demo|refill-table|models|quality} ...: the same commands as python -m tools.<module>."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +6,7 @@ import sys
 
 # command -> module under tools/
 COMMANDS = {"replay": "replay", "tail": "tail", "lookup": "lookup", "demo": "demo", "refill-table": "refill",
-            "models": "registry"}
+            "models": "registry", "quality": "quality"}
 
 
 def main(argv: list[str] | None = None) -> int:

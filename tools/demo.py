@@ -96,6 +96,14 @@ def new_purchases(tx_file: Path, products: pd.DataFrame, regular: str, explorer:
     return frame, new_category
 
 
+def split_rounds(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each customer's first half of purchases (at least one), then the rest."""
+    rank = events.groupby("customer_id").cumcount()
+    size = events.groupby("customer_id")["customer_id"].transform("size")
+    first = rank < (size + 1) // 2
+    return events[first], events[~first]
+
+
 def wait_for(predicate, timeout_s: float, what: str) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -188,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         stream_log = logs / "streaming.log"
         with open(stream_log, "w") as log:
             streaming = subprocess.Popen([sys.executable, "-m", "streaming"], stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO_ROOT, env={**os.environ, "RECO__STREAMING__TRIGGER_INTERVAL": "1 second"})
+                                         cwd=REPO_ROOT, env={**os.environ, "RECO__STREAMING__TRIGGER_INTERVAL": "1 second",
+                                                        "RECO__STREAMING__QUALITY__TRIGGER_INTERVAL": "2 seconds",
+                                                        "RECO__STREAMING__QUALITY__SUMMARY_INTERVAL": "5 seconds"})
         if not wait_for(lambda: "streaming scorer started" in stream_log.read_text(errors="replace"), 180,
                         "the streaming job to start"):
             print(stream_log.read_text()[-3000:])
@@ -201,18 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         from tools.replay import replay
 
         sent_ms = int(time.time() * 1000)
-        summary = replay(cfg, events)
-        print(f"   {summary}".replace("\n", "\n   "))
+        # Two rounds: the second round's purchases are judged by the quality monitor against the
+        # lists the first round produced (a first purchase has no stream list before it).
+        first, second = split_rounds(events)
+        summary = replay(cfg, first)
+        print(f"   round 1: {summary}".replace("\n", "\n   "))
+
+        def refreshed_since(since_ms: int) -> bool:
+            """Every one of the three has a record the stream computed since ``since_ms``."""
+            items = [_item(cfg, c) or {} for c in (regular, explorer, newcomer)]
+            return all(i.get("source") == "stream" and int(i.get("computed_at_ms") or 0) >= since_ms for i in items)
+
+        wait_for(lambda: refreshed_since(sent_ms), 120, "the lists of round 1")
+        second_ms = int(time.time() * 1000)
+        summary = replay(cfg, second)
+        print(f"   round 2: {summary}".replace("\n", "\n   "))
         bad = events.sample(n=min(6, len(events)), random_state=1).assign(
             transaction_id=lambda f: [f"bad-{uuid.uuid4().hex[:8]}" for _ in range(len(f))])
         bad_summary = replay(cfg, bad, malformed_share=1.0, seed=3)
         print(f"   malformed events sent: {bad_summary.malformed_total}")
-
-        def refreshed() -> bool:
-            """Every one of the three has a record computed by the stream."""
-            return all((_item(cfg, c) or {}).get("source") == "stream" for c in (regular, explorer, newcomer))
-
-        wait_for(refreshed, 120, "the refreshed lists")
+        wait_for(lambda: refreshed_since(second_ms), 120, "the lists of round 2")
         after = {c: top10(cfg, c) for c in (regular, explorer, newcomer)}
 
         step("6/6 results")
@@ -225,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         reasons = dead_letter_summary(cfg, sent_ms)
         print(f"   dead-letter topic: {sum(reasons.values())} events — "
               + ", ".join(f"{r} {n}" for r, n in reasons.most_common()))
+        print_live_hit_rate(cfg, sent_ms)
     finally:
         if streaming is not None and streaming.poll() is None:
             streaming.send_signal(signal.SIGTERM)
@@ -242,6 +261,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n   stopped what the demo started: {', '.join(services[k].name for k in started)}")
         print(f"   demo took {time.monotonic() - started_at:.0f} s; logs in {logs}")
     return 0
+
+
+def print_live_hit_rate(cfg: Config, since_ms: int, wait_s: float = 20) -> None:
+    """The quality monitor's hit@10 since the replay, beside the popularity baseline (its
+    summaries come every few seconds here)."""
+    from tools.quality import format_table, hit_rates, read_summaries
+
+    rows: list = []
+
+    def judged() -> bool:
+        rows[:] = hit_rates(read_summaries(cfg, since_ms))
+        return bool(rows)
+
+    wait_for(judged, wait_s, "the quality monitor's summary")
+    if not rows:
+        print("   live hit rate: no purchase judged yet (a customer's first purchase has no list shown before it)")
+        return
+    print(f"   live hit rate (python -m tools quality):\n      "
+          + format_table(rows, int(cfg.get_path("streaming.k"))).replace("\n", "\n      "))
 
 
 def _item(cfg: Config, customer: str) -> dict | None:

@@ -108,7 +108,9 @@ def test_executors_get_only_the_connections_they_need():
         k=10, trigger_interval_ms=1, dead_letter_trigger_interval_ms=1, checkpoint_dir="c", state_ttl_ms=1,
         state_partitions=1, exclude_purchased=True, starting_offsets="latest", max_offsets_per_trigger=None,
         model_poll_interval_ms=1, sink_outage_tolerance_ms=60_000, metrics_host="h", metrics_port=None,
-        health_max_silence_ms=1, transactions_topic="t", dead_letter_topic="d"))
+        health_max_silence_ms=1, transactions_topic="t", dead_letter_topic="d",
+        recommendations_topic="r", quality_enabled=False, quality_trigger_interval_ms=1, quality_summary_interval_ms=1,
+        quality_topic="q"))
     assert set(settings.connections) == {"model_store", "dynamodb", "aws", "kafka"}
     assert settings.connections["kafka"] == {"topics": {"recommendations": "r"}}      # no client options
     assert "jaas-password-here" not in json.dumps(settings.connections)
