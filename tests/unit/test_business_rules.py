@@ -198,6 +198,23 @@ def test_the_buy_again_list_leaves_banned_products_out():
 
 
 # -- boost -----------------------------------------------------------------------------------
+def test_the_buy_again_scores_are_boosted_and_ranked_by_the_boosted_score():
+    artifact = _artifact("als")
+    indptr, indices, counts = artifact.user_items
+    rules = _rules(_attributes(out_of_stock=(), tobacco=()), boost="linear", strength=2.0)
+    plain, plain_scores = buy_again(artifact, indptr, indices, counts, 20)        # every purchase (at most 8)
+    ruled, ruled_scores = buy_again(artifact, indptr, indices, counts, 20, rules=rules)
+    changed = 0
+    for row in range(len(plain)):
+        items = plain[row][plain[row] >= 0]
+        boosted = plain_scores[row][:len(items)].astype(np.float64) * rules.multiplier[items]
+        order = np.lexsort((items, -boosted))
+        assert list(ruled[row][:len(items)]) == list(items[order])
+        np.testing.assert_allclose(ruled_scores[row][:len(items)], boosted[order], rtol=1e-6)
+        changed += list(items[order]) != list(items)
+    assert changed                                      # the boost reorders some lists
+
+
 def _raw_scores(artifact, indptr, indices, counts) -> np.ndarray:
     """Each customer's raw (unruled, unpenalised) score of every product, dense."""
     users = np.arange(len(indptr) - 1)
