@@ -121,6 +121,37 @@ class BusinessRules:
                          multiplier if (multiplier != 1.0).any() else None)
 
 
+RULED = "ruled"       # first element of the scorer cache keys that depend on the rules in force
+
+
+def aligned(rules: BusinessRules, cache: dict, item_index: Callable[[np.ndarray], np.ndarray],
+            n_items: int) -> ItemRules:
+    """``rules`` over a model's items, kept in the model's scorer ``cache``; new rules drop what the
+    old ones cached there (one set of rules is in force at a time, so the cache stays bounded)."""
+    held: ItemRules | None = cache.get(RULED)
+    if held is None or held.key != rules.key:
+        for key in [key for key in cache if isinstance(key, tuple) and key[0] == RULED]:
+            del cache[key]
+        held = cache[RULED] = rules.for_items(item_index, n_items)
+    return held
+
+
+def banned_of(item_rules: ItemRules | None) -> np.ndarray | None:
+    """The banned mask to hand a top-k (None: nothing banned)."""
+    return None if item_rules is None else item_rules.banned
+
+
+def boost_of(item_rules: ItemRules | None) -> np.ndarray | None:
+    """The per-item boost (None: no boost)."""
+    return None if item_rules is None else item_rules.multiplier
+
+
+def boosted(popularity: np.ndarray, item_rules: ItemRules | None) -> np.ndarray:
+    """The popularity a fallback ranks by: times the boost when there is one."""
+    boost = boost_of(item_rules)
+    return popularity if boost is None else np.asarray(popularity, dtype=np.float64) * boost
+
+
 def boost_multipliers(margin: np.ndarray, function: str, strength: float) -> np.ndarray:
     """The score multiplier of each margin (float64, >= 1; negative or NaN margins count as 0)."""
     margin = np.nan_to_num(np.asarray(margin, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)

@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 
 from models import popularity_bias, scoring
-from models.business_rules import BusinessRules, ItemRules
+from models.business_rules import RULED, BusinessRules, ItemRules, aligned, banned_of, boost_of, boosted
 from models.scaling import als_ratings
 from models.neighbours import KnnParams, item_neighbours, knn_pair_scores, knn_top_k
 
@@ -57,8 +57,8 @@ def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, cou
     customers who get one. ``vectors`` are ``user_vectors`` of the same counts when the caller
     already has them (the fold-in is the costly part; the buy-again list and other scorers of the
     same ALS fit reuse it); ``vector_max`` their best ALS score over all items (``best_scores``),
-    which every blend weight needs. ``rules``: the business rules to apply (module docstring). Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
-    -1/NaN pad short lists.
+    which every blend weight needs; ``rules`` the business rules to apply (module docstring).
+    Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``; -1/NaN pad short lists.
     """
     model_type = artifact.model_type
     if model_type not in MODEL_TYPES:
@@ -85,7 +85,7 @@ def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, cou
     for popularity, fallback, strategy in by_segment:
         excluded = _rows(indptr, indices, counts, fallback)[:2] if exclude_purchased else None
         item_idx[fallback], scores[fallback] = scoring.popularity_top_k(
-            _boosted(popularity, item_rules), k, exclude=excluded, banned=_banned(item_rules))
+            boosted(popularity, item_rules), k, exclude=excluded, banned=banned_of(item_rules))
         strategies[fallback] = strategy
     return item_idx, scores, list(strategies)
 
@@ -134,12 +134,12 @@ def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None
         vectors = user_vectors(artifact, indptr, indices, counts)
     if artifact.model_type == "als":
         return scoring.top_k(vectors, _ranked_item_factors(artifact, item_rules), k, exclude=excluded,
-                             banned=_banned(item_rules))
+                             banned=banned_of(item_rules))
     weight = float(artifact.params.get("blend_weight", 1.0))
     users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight, best=vector_max)
     if item_rules is not None and item_rules.multiplier is not None:
         items = popularity_bias.scaled_factors(items, item_rules.multiplier)
-    return scoring.top_k(users, items, k, exclude=excluded, banned=_banned(item_rules))
+    return scoring.top_k(users, items, k, exclude=excluded, banned=banned_of(item_rules))
 
 
 def rank_vectors(artifact, vectors: np.ndarray, k: int, exclude=None,
@@ -148,7 +148,7 @@ def rank_vectors(artifact, vectors: np.ndarray, k: int, exclude=None,
     ranks an ALS model's: with its popularity penalty and the business rules."""
     item_rules = rules_for(artifact, rules)
     return scoring.top_k(vectors, _ranked_item_factors(artifact, item_rules), k, exclude=exclude,
-                         banned=_banned(item_rules))
+                         banned=banned_of(item_rules))
 
 
 def needs_vectors(model_type: str) -> bool:
@@ -294,8 +294,8 @@ def _neighbours_key(params: KnnParams) -> tuple:
 
 
 def _knn_top_k(artifact, indptr, indices, counts, k, excluded, item_rules: ItemRules | None = None):
-    banned = _banned(item_rules)
-    popularity = _boosted(artifact.popularity, item_rules)
+    banned = banned_of(item_rules)
+    popularity = boosted(artifact.popularity, item_rules)
 
     def fill(k_: int, exclude):
         return scoring.popularity_top_k(popularity, k_, exclude=exclude, banned=banned)
@@ -307,11 +307,11 @@ def _knn_top_k(artifact, indptr, indices, counts, k, excluded, item_rules: ItemR
 def _ranked_item_factors(artifact, item_rules: ItemRules | None = None) -> np.ndarray:
     """The item factors ALS ranks with: the artifact's, or scaled by the popularity penalty and the
     business rules' boost (cached)."""
-    beta, boost = popularity_bias.penalty_of(artifact.params), _boost(item_rules)
+    beta, boost = popularity_bias.penalty_of(artifact.params), boost_of(item_rules)
     if not beta and boost is None:
         return artifact.item_factors
     cache = _cache(artifact)
-    key = ("penalized_factors", beta) if boost is None else (_RULED, "factors", beta)
+    key = ("penalized_factors", beta) if boost is None else (RULED, "factors", beta)
     if key not in cache:
         cache[key] = popularity_bias.scaled_factors(artifact.item_factors, _multiplier(artifact, beta, boost))
     return cache[key]
@@ -320,11 +320,11 @@ def _ranked_item_factors(artifact, item_rules: ItemRules | None = None) -> np.nd
 def _ranked_neighbours(artifact, item_rules: ItemRules | None = None):
     """The neighbour table item-kNN ranks with: the model's, or its columns scaled by the popularity
     penalty and the business rules' boost (cached)."""
-    table, beta, boost = item_neighbours_of(artifact), popularity_bias.penalty_of(artifact.params), _boost(item_rules)
+    table, beta, boost = item_neighbours_of(artifact), popularity_bias.penalty_of(artifact.params), boost_of(item_rules)
     if not beta and boost is None:
         return table
     cache, params_key = _cache(artifact), _neighbours_key(knn_params(artifact))
-    key = ("penalized_table", params_key, beta) if boost is None else (_RULED, "table", params_key, beta)
+    key = ("penalized_table", params_key, beta) if boost is None else (RULED, "table", params_key, beta)
     if key not in cache:
         cache[key] = popularity_bias.scaled_table(table, _multiplier(artifact, beta, boost))
     return cache[key]
@@ -332,35 +332,9 @@ def _ranked_neighbours(artifact, item_rules: ItemRules | None = None):
 
 # ------------------------------------------------------------------------------ business rules
 
-_RULED = "ruled"       # first element of the cache keys that depend on the rules in force
-
-
 def rules_for(artifact, rules: BusinessRules | None) -> ItemRules | None:
-    """``rules`` over the artifact's items, cached per artifact; a change of rules drops what the
-    old ones cached (one set of rules is in force at a time)."""
-    if rules is None:
-        return None
-    cache = _cache(artifact)
-    held: ItemRules | None = cache.get(_RULED)
-    if held is None or held.key != rules.key:
-        for key in [key for key in cache if isinstance(key, tuple) and key[0] == _RULED]:
-            del cache[key]
-        held = cache[_RULED] = rules.for_items(artifact.item_index, artifact.n_items)
-    return held
-
-
-def _banned(item_rules: ItemRules | None) -> np.ndarray | None:
-    return None if item_rules is None else item_rules.banned
-
-
-def _boost(item_rules: ItemRules | None) -> np.ndarray | None:
-    return None if item_rules is None else item_rules.multiplier
-
-
-def _boosted(popularity: np.ndarray, item_rules: ItemRules | None) -> np.ndarray:
-    """The popularity a fallback ranks by: times the boost when there is one."""
-    boost = _boost(item_rules)
-    return popularity if boost is None else np.asarray(popularity, dtype=np.float64) * boost
+    """``rules`` over the artifact's items, cached per artifact (``business_rules.aligned``)."""
+    return None if rules is None else aligned(rules, _cache(artifact), artifact.item_index, artifact.n_items)
 
 
 def _multiplier(artifact, beta: float, boost: np.ndarray | None) -> np.ndarray:

@@ -620,8 +620,8 @@ def test_business_rules_in_the_stream_agree_with_the_batch_and_a_new_file_is_pic
     caplog.set_level(logging.INFO, logger="models.business_rules")
 
     def buy_unknown(round_no: int) -> None:     # a product the model does not know: the counts stay the trained ones
-        produce(job_cfg, [event(f"rules-{round_no}-{n}", c, f"UNKNOWN-RULES-{round_no}", cutoff_plus(model, minutes=round_no))
-                          for n, c in enumerate(customers)])
+        produce(job_cfg, [event(f"rules-{round_no}-{n}", c, f"UNKNOWN-RULES-{round_no}",
+                                cutoff_plus(model, minutes=round_no)) for n, c in enumerate(customers)])
 
     job = StreamingJob(job_cfg, spark).start()
     try:
