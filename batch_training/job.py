@@ -33,6 +33,7 @@ from batch_training.per_customer import (partitions_for, run_on_executors, seed_
 from batch_training.report import write_report
 from batch_training.train import (AlsParams, Factors, PairArrays, Race, counts_as_ratings, cross_validate, fit_als,
                                   params_grid)
+from models.business_rules import RulesConfig, load_rules
 from models.config import Config, ConfigError
 from models.neighbours import KnnParams, item_neighbours
 from models.scorers import needs_vectors
@@ -187,6 +188,9 @@ def run(cfg: Config, spark=None) -> BatchResult:
     from models.spark import build_spark
 
     base = check_settings(cfg)      # before Spark starts: a bad setting fails at once
+    rules = load_rules(RulesConfig.from_config(cfg))     # so does a bad attributes file
+    if rules is not None:
+        log.info("business rules: %s", rules.summary())
     spark = spark or build_spark(cfg, "reco-batch-training", need_kafka=bool(cfg.get_path("batch.write_topic", False)))
     stages = _Stages()
     k = int(cfg.get_path("batch.k", 10))
@@ -304,7 +308,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     stages.start(f"top-{k} for every customer")
     product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
     segments = _segment_popularity(spark, cfg, maps, indexed)
-    params = {"count_mode": source_count_mode, **recency, **segments}
+    params = {"count_mode": source_count_mode, **recency, **segments,
+              **({"business_rules": rules.summary()} if rules is not None else {})}
     # Each run writes into its own version folder; the top-level files are the published model's.
     output_dir = _output_dir(cfg)
     if on_executors:
@@ -316,18 +321,19 @@ def run(cfg: Config, spark=None) -> BatchResult:
         run_dir = output_dir / "versions" / artifact.version
         run_dir.mkdir(parents=True, exist_ok=True)
         stages.start("top-10 and the model's user side on the executors")
-        outputs = run_on_executors(spark, cfg, indexed, maps, artifact, final.user_factors_df, k, exclude, run_dir)
+        outputs = run_on_executors(spark, cfg, indexed, maps, artifact, final.user_factors_df, k, exclude, run_dir,
+                                   rules=rules)
         written, user_parts = outputs.written, outputs.user_parts
     else:
         customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
         artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
                              stats, metrics, selected, params)
         artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
-        item_idx, scores, strategies = _recommend_all(artifact, all_pairs, exclude, k, final)
+        item_idx, scores, strategies = _recommend_all(artifact, all_pairs, exclude, k, final, rules)
         stages.start("write recommendations")
         run_dir = output_dir / "versions" / artifact.version
         run_dir.mkdir(parents=True, exist_ok=True)
-        again_idx, again_scores = _buy_again_all(artifact, all_pairs, k)
+        again_idx, again_scores = _buy_again_all(artifact, all_pairs, k, rules)
         written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores, again_idx,
                                          again_scores)
         user_parts = None
@@ -351,7 +357,8 @@ def run(cfg: Config, spark=None) -> BatchResult:
     result.stage_seconds = stages.seconds
     (run_dir / "run_summary.json").write_text(json.dumps(
         {"version": artifact.version, "published": published, "gate": reason, "model_type": artifact.model_type,
-         "params": artifact.params, "per_customer_work": "executors" if on_executors else "driver",
+         "params": artifact.params, "business_rules": rules.summary() if rules is not None else None,
+         "per_customer_work": "executors" if on_executors else "driver",
          "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
     if on_executors:
         log.info("training report: not written on the executor path (it reads every customer's counts on the driver)")
@@ -645,22 +652,23 @@ def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candi
     return table
 
 
-def _recommend_all(artifact, all_pairs: PairArrays, exclude_purchased: bool, k: int, factors: Factors):
+def _recommend_all(artifact, all_pairs: PairArrays, exclude_purchased: bool, k: int, factors: Factors,
+                   rules=None):
     """Top-k for every customer on the driver: ``(item_idx, scores, strategies)``.
 
-    ALS lists come from the final fit's factors (blocked products, not recommendForAllUsers);
-    the other model types are scored by models.scorers from the counts, as the stream scores them.
-    The executor path (per_customer.py) gives the same lists.
+    ALS lists come from the final fit's factors (blocked products, not recommendForAllUsers),
+    ranked as models.scorers ranks an ALS model (popularity penalty, business rules); the other
+    model types are scored by models.scorers from the counts, as the stream scores them. The
+    executor path (per_customer.py) gives the same lists. ``rules``: models.business_rules.
     """
-    from models.scorers import ranked_item_factors, recommend_from_counts
-    from models.scoring import top_k
+    from models.scorers import rank_vectors, recommend_from_counts
 
     if artifact.model_type != "als":
         return recommend_from_counts(artifact, all_pairs.indptr, all_pairs.indices, all_pairs.counts, k,
-                                     exclude_purchased)
+                                     exclude_purchased, rules=rules)
     users = np.arange(factors.user_factors.shape[0])
-    item_idx, scores = top_k(factors.user_factors, ranked_item_factors(artifact), k,
-                             exclude=all_pairs.rows(users) if exclude_purchased else None)
+    item_idx, scores = rank_vectors(artifact, factors.user_factors, k,
+                                    exclude=all_pairs.rows(users) if exclude_purchased else None, rules=rules)
     return item_idx, scores, ["personalized"] * len(item_idx)
 
 
@@ -710,10 +718,10 @@ def _segment_popularity(spark, cfg: Config, maps, indexed, top_n: int = 100) -> 
     return {"segment_column": mapping.segment, "segment_popularity": table}
 
 
-def _buy_again_all(artifact, pairs: PairArrays, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _buy_again_all(artifact, pairs: PairArrays, k: int, rules=None) -> tuple[np.ndarray, np.ndarray]:
     from models.scorers import buy_again
 
-    return buy_again(artifact, pairs.indptr, pairs.indices, pairs.counts, k)
+    return buy_again(artifact, pairs.indptr, pairs.indices, pairs.counts, k, rules=rules)
 
 
 def _write_recommendations(output_dir: Path, customer_ids: np.ndarray, product_ids: np.ndarray,

@@ -101,22 +101,23 @@ def partition_csr(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return indptr, indices, counts
 
 
-def score_partition(model, frame: pd.DataFrame, settings: TaskSettings) -> pd.DataFrame:
-    """The lists of one partition's customers (``SCORED_SCHEMA``), as the driver path computes them."""
-    from models import scorers, scoring
+def score_partition(model, frame: pd.DataFrame, settings: TaskSettings, rules=None) -> pd.DataFrame:
+    """The lists of one partition's customers (``SCORED_SCHEMA``), as the driver path computes them
+    (``rules``: the business rules, models.business_rules)."""
+    from models import scorers
 
     indptr, indices, counts = partition_csr(frame)
     k = settings.k
     if settings.use_factors:
         vectors = np.stack([np.asarray(v, dtype=np.float32) for v in frame["factors"]]) if len(frame) else \
             np.zeros((0, model.rank), dtype=np.float32)
-        item_idx, scores = scoring.top_k(vectors, scorers.ranked_item_factors(model), k,
-                                         exclude=(indptr, indices) if settings.exclude_purchased else None)
+        item_idx, scores = scorers.rank_vectors(model, vectors, k, rules=rules,
+                                                exclude=(indptr, indices) if settings.exclude_purchased else None)
         strategies = [scorers.PERSONALIZED] * len(frame)
     else:
         item_idx, scores, strategies = scorers.recommend_from_counts(model, indptr, indices, counts, k,
-                                                                     settings.exclude_purchased)
-    again_idx, again_scores = scorers.buy_again(model, indptr, indices, counts, k)
+                                                                     settings.exclude_purchased, rules=rules)
+    again_idx, again_scores = scorers.buy_again(model, indptr, indices, counts, k, rules=rules)
     return pd.DataFrame({
         "customer_id": frame["customer_id"].astype(str).to_numpy(),
         "recommendations": _ids(model.item_ids, item_idx), "scores": _rounded(scores, item_idx),
@@ -138,13 +139,15 @@ def _whole_partition(frames: Iterator[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CUSTOMER_COLUMNS))
 
 
-def scorer(model_broadcast, settings: TaskSettings):
-    """mapInPandas: a partition's customers in, their lists out (``SCORED_SCHEMA``)."""
+def scorer(model_broadcast, settings: TaskSettings, rules_broadcast=None):
+    """mapInPandas: a partition's customers in, their lists out (``SCORED_SCHEMA``); the business
+    rules, parsed once on the driver, come broadcast like the model (None: no rules)."""
 
     def score(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         frame = _whole_partition(frames)
         if len(frame):
-            yield score_partition(model_broadcast.value, frame, settings)
+            rules = rules_broadcast.value if rules_broadcast is not None else None
+            yield score_partition(model_broadcast.value, frame, settings, rules)
 
     return score
 
@@ -242,10 +245,11 @@ class ExecutorOutputs:
 
 
 def run_on_executors(spark, cfg: Config, indexed, maps, artifact, user_factors_df, k: int, exclude: bool,
-                     run_dir: Path) -> ExecutorOutputs:
+                     run_dir: Path, rules=None) -> ExecutorOutputs:
     """Steps 1 to 3 of the module docstring up to the files; the sinks wait for the gate
     (``write_sinks``). ``artifact`` is the item side of the version being written;
-    ``user_factors_df`` the final fit's (ALS ``userFactors``), None with ``batch.final_fit: fold_in``."""
+    ``user_factors_df`` the final fit's (ALS ``userFactors``), None with ``batch.final_fit: fold_in``;
+    ``rules`` the business rules (models.business_rules), None for none."""
     from models.clients import executor_connections
     from models.records import now_ms
     from streaming.settings import duration_ms
@@ -263,7 +267,8 @@ def run_on_executors(spark, cfg: Config, indexed, maps, artifact, user_factors_d
                    key=lambda entry: entry["name"])
     log.info("the model's user side: %s customers in %d parts written by the executors in %.1f s",
              f"{sum(p['rows'] for p in parts):,}", len(parts), time.perf_counter() - started)
-    scored = rows.mapInPandas(scorer(model, settings), SCORED_SCHEMA).cache()
+    rules_broadcast = spark.sparkContext.broadcast(rules) if rules is not None else None
+    scored = rows.mapInPandas(scorer(model, settings, rules_broadcast), SCORED_SCHEMA).cache()
     started = time.perf_counter()
     write_files(scored, run_dir)
     written = scored.count()

@@ -184,17 +184,19 @@ def knn_scores(table, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarra
 
 
 def knn_top_k(table, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int, weighting: str,
-              exclude: Optional[tuple[np.ndarray, np.ndarray]], fill) -> tuple[np.ndarray, np.ndarray]:
+              exclude: Optional[tuple[np.ndarray, np.ndarray]], fill,
+              banned: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k per customer by summed similarity; a list the neighbours leave short is completed by
-    ``fill(rows, k, excluded_csr)`` (the best sellers not yet listed, score 0). Blocks of customers
-    keep the score rows within ``_SCORE_BUDGET`` entries."""
+    ``fill(k, excluded_csr)`` (the best sellers not yet listed, score 0; it must leave out the
+    ``banned`` items too). ``banned``: a bool mask of items never listed (models.business_rules).
+    Blocks of customers keep the score rows within ``_SCORE_BUDGET`` entries."""
     indptr = np.asarray(indptr, dtype=np.int64)
     indices = np.asarray(indices, dtype=np.int64)
     n_users = len(indptr) - 1
     item_idx = np.full((n_users, k), -1, dtype=np.int32)
     scores = np.full((n_users, k), np.nan, dtype=np.float32)
     for begin, end in _customer_blocks(table, indptr, indices):
-        _block_top_k(table, indptr, indices, counts, begin, end, k, weighting, exclude, item_idx, scores)
+        _block_top_k(table, indptr, indices, counts, begin, end, k, weighting, exclude, item_idx, scores, banned)
     short = np.flatnonzero((item_idx == -1).any(axis=1))
     if len(short):
         _complete(short, item_idx, scores, exclude, fill, k)
@@ -236,7 +238,8 @@ def _budget_blocks(cost: np.ndarray, budget: int):
         begin = end
 
 
-def _block_top_k(table, indptr, indices, counts, begin, end, k, weighting, exclude, item_idx, scores) -> None:
+def _block_top_k(table, indptr, indices, counts, begin, end, k, weighting, exclude, item_idx, scores,
+                 banned=None) -> None:
     lo, hi = indptr[begin], indptr[end]
     block = knn_scores(table, indptr[begin:end + 1] - lo, indices[lo:hi], np.asarray(counts)[lo:hi], weighting)
     block.sort_indices()
@@ -248,6 +251,9 @@ def _block_top_k(table, indptr, indices, counts, begin, end, k, weighting, exclu
         ex_cols = ex_indices[ex_indptr[begin]:ex_indptr[end]]
         n_items = table.shape[0]
         keep = ~np.isin(rows * n_items + cols, ex_rows * n_items + ex_cols)
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+    if banned is not None:
+        keep = ~np.asarray(banned, dtype=bool)[cols]
         rows, cols, values = rows[keep], cols[keep], values[keep]
     rows, cols, values = top_per_row(rows, cols, values, k, off_diagonal=False)
     rows_start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, np.int64)

@@ -37,13 +37,26 @@ def multipliers(popularity: np.ndarray, beta: float) -> np.ndarray:
 
 def penalized_factors(item_factors: np.ndarray, popularity: np.ndarray, beta: float) -> np.ndarray:
     """ALS item factors whose dot products are the penalised scores (float32)."""
-    return (np.asarray(item_factors, dtype=np.float64) * multipliers(popularity, beta)[:, None]).astype(np.float32)
+    return scaled_factors(item_factors, multipliers(popularity, beta))
 
 
 def penalized_table(table, popularity: np.ndarray, beta: float):
     """An item-kNN neighbour table whose summed columns are the penalised scores (float32 CSR)."""
+    return scaled_table(table, multipliers(popularity, beta))
+
+
+def scaled_factors(item_factors: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
+    """Item rows whose dot products are the scores times each product's multiplier (float32): any
+    per-product multiplier (this penalty, the business rules' boost) folds in the same way."""
+    return (np.asarray(item_factors, dtype=np.float64) * np.asarray(multiplier, dtype=np.float64)[:, None]
+            ).astype(np.float32)
+
+
+def scaled_table(table, multiplier: np.ndarray):
+    """A neighbour table whose summed columns are the scores times each product's multiplier."""
     import scipy.sparse as sp
 
-    scaled = (table.astype(np.float64) @ sp.diags(multipliers(popularity, beta))).tocsr().astype(np.float32)
+    scaled = (table.astype(np.float64) @ sp.diags(np.asarray(multiplier, dtype=np.float64))).tocsr()
+    scaled = scaled.astype(np.float32)
     scaled.sort_indices()
     return scaled

@@ -18,6 +18,12 @@ Model types (``ModelArtifact.model_type``):
 ``params["popularity_penalty"]`` (models.popularity_bias) scales ALS and item-kNN scores down for
 best sellers; the ranking uses it, the buy-again list's relevance (``pair_scores``) does not.
 
+``rules`` (models.business_rules, the serving jobs' business rules; None: none) ban products from
+every list and multiply every list's scores by a per-product margin boost. The boost folds into
+the item side like the penalty (ALS and blend item rows, item-kNN table columns, the popularity
+vector a fallback ranks by); the banned products are masked in every top-k. Model evaluation
+scores without rules.
+
 A customer with no purchase of a product the model knows gets the popularity list (strategy
 ``popularity``), or their segment's (a country, a store: strategy ``segment_popularity``) when the
 artifact has ``params["segment_popularity"]`` (see ``segment_popularity``) and the segment is known;
@@ -30,6 +36,7 @@ from typing import Optional
 import numpy as np
 
 from models import popularity_bias, scoring
+from models.business_rules import RULED, BusinessRules, ItemRules, aligned, banned_of, boost_of, boosted
 from models.scaling import als_ratings
 from models.neighbours import KnnParams, item_neighbours, knn_pair_scores, knn_top_k
 
@@ -42,15 +49,16 @@ SEGMENT_POPULARITY = "segment_popularity"
 def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int,
                           exclude_purchased: bool, segments=None,
                           vectors: np.ndarray | None = None,
-                          vector_max: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                          vector_max: np.ndarray | None = None,
+                          rules: BusinessRules | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Top-k per customer from their full purchase counts (CSR over the artifact's item index).
 
     ``segments`` (optional, one per customer, None when unknown) picks the popularity list of the
     customers who get one. ``vectors`` are ``user_vectors`` of the same counts when the caller
     already has them (the fold-in is the costly part; the buy-again list and other scorers of the
     same ALS fit reuse it); ``vector_max`` their best ALS score over all items (``best_scores``),
-    which every blend weight needs. Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``;
-    -1/NaN pad short lists.
+    which every blend weight needs; ``rules`` the business rules to apply (module docstring).
+    Returns ``(item_idx int32 [n, k], scores float32 [n, k], strategies)``; -1/NaN pad short lists.
     """
     model_type = artifact.model_type
     if model_type not in MODEL_TYPES:
@@ -65,17 +73,19 @@ def recommend_from_counts(artifact, indptr: np.ndarray, indices: np.ndarray, cou
     item_idx = np.full((n, k), -1, dtype=np.int32)
     scores = np.full((n, k), np.nan, dtype=np.float32)
     rows = np.flatnonzero(personal)
+    item_rules = rules_for(artifact, rules)
     if len(rows):
         sub = _rows(indptr, indices, counts, rows)
         excluded = sub[:2] if exclude_purchased else None
         item_idx[rows], scores[rows] = _personal_top_k(artifact, *sub, k, excluded,
                                                        None if vectors is None else vectors[rows],
-                                                       None if vector_max is None else vector_max[rows])
+                                                       None if vector_max is None else vector_max[rows], item_rules)
     strategies = np.where(personal, PERSONALIZED, POPULARITY).astype(object)
     by_segment = _segment_rows(artifact, segments, np.flatnonzero(~personal))
     for popularity, fallback, strategy in by_segment:
         excluded = _rows(indptr, indices, counts, fallback)[:2] if exclude_purchased else None
-        item_idx[fallback], scores[fallback] = scoring.popularity_top_k(popularity, k, exclude=excluded)
+        item_idx[fallback], scores[fallback] = scoring.popularity_top_k(
+            boosted(popularity, item_rules), k, exclude=excluded, banned=banned_of(item_rules))
         strategies[fallback] = strategy
     return item_idx, scores, list(strategies)
 
@@ -116,16 +126,29 @@ def _segment_rows(artifact, segments, fallback: np.ndarray):
     return groups
 
 
-def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None, vector_max=None):
+def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None, vector_max=None,
+                    item_rules: ItemRules | None = None):
     if artifact.model_type == "item_knn":
-        return _knn_top_k(artifact, indptr, indices, counts, k, excluded)
+        return _knn_top_k(artifact, indptr, indices, counts, k, excluded, item_rules)
     if vectors is None:
         vectors = user_vectors(artifact, indptr, indices, counts)
     if artifact.model_type == "als":
-        return scoring.top_k(vectors, ranked_item_factors(artifact), k, exclude=excluded)
+        return scoring.top_k(vectors, _ranked_item_factors(artifact, item_rules), k, exclude=excluded,
+                             banned=banned_of(item_rules))
     weight = float(artifact.params.get("blend_weight", 1.0))
     users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight, best=vector_max)
-    return scoring.top_k(users, items, k, exclude=excluded)
+    if item_rules is not None and item_rules.multiplier is not None:
+        items = popularity_bias.scaled_factors(items, item_rules.multiplier)
+    return scoring.top_k(users, items, k, exclude=excluded, banned=banned_of(item_rules))
+
+
+def rank_vectors(artifact, vectors: np.ndarray, k: int, exclude=None,
+                 rules: BusinessRules | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ALS top-k of given user vectors (the batch job's final fit) as ``recommend_from_counts``
+    ranks an ALS model's: with its popularity penalty and the business rules."""
+    item_rules = rules_for(artifact, rules)
+    return scoring.top_k(vectors, _ranked_item_factors(artifact, item_rules), k, exclude=exclude,
+                         banned=banned_of(item_rules))
 
 
 def needs_vectors(model_type: str) -> bool:
@@ -178,12 +201,14 @@ def blend_factors(user_vectors: np.ndarray, item_factors: np.ndarray, popularity
 # ------------------------------------------------------------------------- buy again / discover
 
 def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
-              k: int, vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              k: int, vectors: np.ndarray | None = None,
+              rules: BusinessRules | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Products each customer bought before, best first: ``(item_idx int32 [n, k], scores float32)``.
 
     score = relevance / the customer's best relevance + count / the customer's largest count, so
     what the model predicts and what the customer buys often (recently, with recency-weighted
     counts, see models.recency) both lift a product. Ties by lower item index; -1/NaN padding.
+    ``rules``: banned products left out, the score times the product's boost.
     """
     indptr = np.asarray(indptr, dtype=np.int64)
     indices = np.asarray(indices, dtype=np.int64)
@@ -194,6 +219,12 @@ def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndar
     relevance = np.zeros(len(indices))
     relevance[known] = pair_scores(artifact, indptr, indices, counts, rows[known], indices[known], vectors)
     combined = _share_of_row_max(relevance, rows, n) + _share_of_row_max(counts, rows, n)
+    item_rules = rules_for(artifact, rules)
+    if item_rules is not None:
+        if item_rules.multiplier is not None:
+            combined[known] *= item_rules.multiplier[indices[known]]
+        if item_rules.banned is not None:
+            known[known] = ~item_rules.banned[indices[known]]
     return scoring.top_k_of_triples(rows[known], indices[known], combined[known], n, k)
 
 
@@ -262,35 +293,56 @@ def _neighbours_key(params: KnnParams) -> tuple:
     return ("neighbours", params)
 
 
-def _knn_top_k(artifact, indptr, indices, counts, k, excluded):
+def _knn_top_k(artifact, indptr, indices, counts, k, excluded, item_rules: ItemRules | None = None):
+    banned = banned_of(item_rules)
+    popularity = boosted(artifact.popularity, item_rules)
+
     def fill(k_: int, exclude):
-        return scoring.popularity_top_k(artifact.popularity, k_, exclude=exclude)
+        return scoring.popularity_top_k(popularity, k_, exclude=exclude, banned=banned)
 
-    return knn_top_k(_ranked_neighbours(artifact), indptr, indices, counts, k, knn_params(artifact).weighting,
-                     excluded, fill)
+    return knn_top_k(_ranked_neighbours(artifact, item_rules), indptr, indices, counts, k,
+                     knn_params(artifact).weighting, excluded, fill, banned=banned)
 
 
-def ranked_item_factors(artifact) -> np.ndarray:
-    """The item factors ALS ranks with: the artifact's, or scaled by the popularity penalty (cached)."""
-    beta = popularity_bias.penalty_of(artifact.params)
-    if not beta:
+def _ranked_item_factors(artifact, item_rules: ItemRules | None = None) -> np.ndarray:
+    """The item factors ALS ranks with: the artifact's, or scaled by the popularity penalty and the
+    business rules' boost (cached)."""
+    beta, boost = popularity_bias.penalty_of(artifact.params), boost_of(item_rules)
+    if not beta and boost is None:
         return artifact.item_factors
-    cache, key = _cache(artifact), ("penalized_factors", beta)
+    cache = _cache(artifact)
+    key = ("penalized_factors", beta) if boost is None else (RULED, "factors", beta)
     if key not in cache:
-        cache[key] = popularity_bias.penalized_factors(artifact.item_factors, artifact.popularity, beta)
+        cache[key] = popularity_bias.scaled_factors(artifact.item_factors, _multiplier(artifact, beta, boost))
     return cache[key]
 
 
-def _ranked_neighbours(artifact):
+def _ranked_neighbours(artifact, item_rules: ItemRules | None = None):
     """The neighbour table item-kNN ranks with: the model's, or its columns scaled by the popularity
-    penalty (cached)."""
-    table, beta = item_neighbours_of(artifact), popularity_bias.penalty_of(artifact.params)
-    if not beta:
+    penalty and the business rules' boost (cached)."""
+    table, beta, boost = item_neighbours_of(artifact), popularity_bias.penalty_of(artifact.params), boost_of(item_rules)
+    if not beta and boost is None:
         return table
-    cache, key = _cache(artifact), ("penalized_table", _neighbours_key(knn_params(artifact)), beta)
+    cache, params_key = _cache(artifact), _neighbours_key(knn_params(artifact))
+    key = ("penalized_table", params_key, beta) if boost is None else (RULED, "table", params_key, beta)
     if key not in cache:
-        cache[key] = popularity_bias.penalized_table(table, artifact.popularity, beta)
+        cache[key] = popularity_bias.scaled_table(table, _multiplier(artifact, beta, boost))
     return cache[key]
+
+
+# ------------------------------------------------------------------------------ business rules
+
+def rules_for(artifact, rules: BusinessRules | None) -> ItemRules | None:
+    """``rules`` over the artifact's items, cached per artifact (``business_rules.aligned``)."""
+    return None if rules is None else aligned(rules, _cache(artifact), artifact.item_index, artifact.n_items)
+
+
+def _multiplier(artifact, beta: float, boost: np.ndarray | None) -> np.ndarray:
+    """Each product's score multiplier: the popularity penalty times the boost."""
+    penalty = popularity_bias.multipliers(artifact.popularity, beta) if beta else None
+    if boost is None:
+        return penalty
+    return boost if penalty is None else penalty * boost
 
 
 # ----------------------------------------------------------------------------------- internals

@@ -125,12 +125,13 @@ def _length_chunks(sorted_lengths: np.ndarray):
 
 
 def top_k(user_vectors: np.ndarray, item_factors: np.ndarray, k: int, exclude: Optional[Csr] = None,
-          block_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+          block_size: Optional[int] = None, banned: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best items per user by dot product: (item_idx int32 [n, k], scores float32 [n, k]).
 
     Ranked by higher score, then lower item index, so equal scores always come out in the same
     order. ``exclude`` is a CSR (indptr, indices) of items never to return for each user (negative
-    indices = unknown products, ignored). Rows with fewer than ``k`` candidates are padded with
+    indices = unknown products, ignored); ``banned`` a bool mask of items never to return for
+    anyone (models.business_rules). Rows with fewer than ``k`` candidates are padded with
     item -1 and score NaN. Users are scored ``block_size`` at a time (default: ~64 MB of scores)
     with one matrix product per block.
     """
@@ -144,6 +145,7 @@ def top_k(user_vectors: np.ndarray, item_factors: np.ndarray, k: int, exclude: O
     if exclude is not None:
         exclude = _check_exclude(exclude, n_users, n_items)
     block = block_size or max(1, _TOP_K_BUDGET // max(n_items, 1))
+    banned_idx = None if banned is None else np.flatnonzero(_check_banned(banned, n_items))
     item_idx = np.full((n_users, k), -1, dtype=np.int32)
     scores = np.full((n_users, k), np.nan, dtype=np.float32)
     n_padded = -(-n_items // _CHUNK) * _CHUNK
@@ -157,16 +159,18 @@ def top_k(user_vectors: np.ndarray, item_factors: np.ndarray, k: int, exclude: O
         block_scores[n_items:] = -np.inf
         if exclude is not None:
             _mask_excluded(block_scores, exclude, begin, end)
+        if banned_idx is not None:
+            block_scores[banned_idx] = -np.inf
         item_idx[begin:end], scores[begin:end] = _select_top(block_scores, n_items, k)
     return item_idx, scores
 
 
-def popularity_top_k(popularity: np.ndarray, k: int,
-                     exclude: Optional[Csr] = None) -> tuple[np.ndarray, np.ndarray]:
+def popularity_top_k(popularity: np.ndarray, k: int, exclude: Optional[Csr] = None,
+                     banned: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most popular items: one row, or one row per user of ``exclude`` without them.
 
-    Same conventions as ``top_k`` (ties by lower item index, -1/NaN padding); the scores are the
-    popularity values.
+    Same conventions as ``top_k`` (ties by lower item index, -1/NaN padding, ``banned`` items
+    never listed); the scores are the popularity values.
     """
     popularity = np.asarray(popularity, dtype=np.float64)
     if popularity.ndim != 1:
@@ -174,6 +178,8 @@ def popularity_top_k(popularity: np.ndarray, k: int,
     _check_k(k)
     n_items = popularity.shape[0]
     order = popularity_order(popularity)
+    if banned is not None:
+        order = order[~_check_banned(banned, n_items)[order]]
     if exclude is None:
         item_idx = np.full((1, k), -1, dtype=np.int32)
         scores = np.full((1, k), np.nan, dtype=np.float32)
@@ -184,7 +190,7 @@ def popularity_top_k(popularity: np.ndarray, k: int,
     n_users = len(indptr) - 1
     lengths = np.diff(indptr)
     # Each user needs at most k + (their excluded items) of the global ranking.
-    depth = min(n_items, k + (int(lengths.max()) if n_users else 0))
+    depth = min(len(order), k + (int(lengths.max()) if n_users else 0))
     candidates = np.broadcast_to(order[:depth], (n_users, depth))
     rows = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
     excluded_codes = np.unique(rows * n_items + indices)
@@ -236,6 +242,13 @@ def _mask_excluded(block_scores: np.ndarray, exclude: Csr, begin: int, end: int)
     cols = indices[lo:hi]
     known = cols >= 0
     block_scores[cols[known], rows[known]] = -np.inf
+
+
+def _check_banned(banned: np.ndarray, n_items: int) -> np.ndarray:
+    banned = np.asarray(banned, dtype=bool)
+    if banned.shape != (n_items,):
+        raise ValueError(f"banned must be one flag per item ({n_items}), got shape {banned.shape}")
+    return banned
 
 
 def _check_k(k: int) -> None:

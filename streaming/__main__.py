@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(files=args.config or None)
         from streaming.settings import StreamingSettings
 
+        from models.business_rules import RulesConfig, load_rules
+
         StreamingSettings.from_config(cfg)
         kafka_options(cfg)          # client options checked before any client is made
+        load_rules(RulesConfig.from_config(cfg))     # a bad attributes file fails at start-up
     except ConfigError as err:
         log.error("%s", err)
         return 2

@@ -8,7 +8,9 @@ output (one row per customer with input in the batch):
    from this worker process' cache, loading and verifying it from the store on first use
    (``worker_model``): an executor never picks a version, and never one the driver refused;
 2. scores the customers with new purchases with the one scoring path of both jobs
-   (streaming/refresh.py: fold-in, top-k, the buy-again list);
+   (streaming/refresh.py: fold-in, top-k, the buy-again list) under the business rules the driver
+   broadcast for the batch (models.business_rules; parsed once on the driver, re-broadcast only
+   when the attributes file changed);
 3. writes their records to the DynamoDB table (conditional newest-wins puts, riding out an
    outage up to ``streaming.sink_outage_tolerance``) and returns them as Kafka rows, which
    Spark's Kafka sink writes to the recommendations topic in the same task;
@@ -140,14 +142,16 @@ class SummaryList(AccumulatorParam):
         return first
 
 
-def scorer(settings: ExecutorSettings, summaries):
+def scorer(settings: ExecutorSettings, summaries, rules_broadcast=None):
     """The mapInPandas function over the state's output rows (streaming/state.py OUTPUT_SCHEMA);
-    ``summaries``: the driver's SummaryList accumulator."""
+    ``summaries``: the driver's SummaryList accumulator; ``rules_broadcast``: the batch's business
+    rules (a Spark broadcast, None: no rules)."""
 
     def score(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         version, (batch_id, started_ms) = served_version(), served_batch()
+        rules = rules_broadcast.value if rules_broadcast is not None else None
         for frame in frames:
-            rows, summary = score_frame(frame, version, batch_id, started_ms, settings)
+            rows, summary = score_frame(frame, version, batch_id, started_ms, settings, rules)
             summaries.add([summary])
             yield rows
 
@@ -155,7 +159,7 @@ def scorer(settings: ExecutorSettings, summaries):
 
 
 def score_frame(frame: pd.DataFrame, version: str | None, batch_id: int, batch_started_ms: int,
-                settings: ExecutorSettings) -> tuple[pd.DataFrame, dict]:
+                settings: ExecutorSettings, rules=None) -> tuple[pd.DataFrame, dict]:
     """Score and write one Arrow batch of customers; its Kafka rows and its summary."""
     summary = {"customers": len(frame), "new_events": int(frame["new_events"].sum()),
                "duplicate_events": int(frame["duplicate_events"].sum()),
@@ -170,7 +174,7 @@ def score_frame(frame: pd.DataFrame, version: str | None, batch_id: int, batch_s
         model, load_s = worker_model(version, settings)
         started = time.perf_counter()
         scored = score_customers(model, changed, settings.k, settings.exclude_purchased,
-                                 segments=changed["segment"].to_numpy(object))
+                                 segments=changed["segment"].to_numpy(object), rules=rules)
         records = records_for(model, changed, scored, computed_at_ms=now_ms())
         written = time.perf_counter()
         if settings.write_table:

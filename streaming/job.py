@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from models.business_rules import BusinessRules, RulesConfig, RulesHolder
 from models.config import Config
 from models.records import describe_error, now_ms
 from streaming.events import REASON_KINDS, ValidationRules, validate_values
@@ -188,9 +189,11 @@ class BatchRefresher:
     """
 
     def __init__(self, settings: StreamingSettings, holder: ModelHolder, executor_settings: ExecutorSettings,
-                 sink_options: dict[str, str], metrics: StreamMetrics):
+                 sink_options: dict[str, str], metrics: StreamMetrics, business_rules: RulesHolder | None = None):
         self.settings = settings
         self.holder = holder
+        self.business_rules = business_rules
+        self._rules: tuple[BusinessRules | None, object] = (None, None)   # the rules broadcast, and its handle
         self.executor_settings = executor_settings
         self.sink_options = sink_options
         self.metrics = metrics
@@ -205,8 +208,9 @@ class BatchRefresher:
         if self._summaries is None:
             self._summaries = context.accumulator([], SummaryList())
         self._summaries.value = []         # batches run one at a time on this thread
+        rules_broadcast = self._rules_broadcast(context)
         try:
-            (batch_df.mapInPandas(scorer(self.executor_settings, self._summaries), SCORED_SCHEMA)
+            (batch_df.mapInPandas(scorer(self.executor_settings, self._summaries, rules_broadcast), SCORED_SCHEMA)
              .write.mode("append").format("kafka").options(**self.sink_options).save())
         except Exception as err:
             log.error("batch %d failed on the executors or in the topic sink (%s); the query stops, and a "
@@ -221,6 +225,18 @@ class BatchRefresher:
         figures.refresh_ms = (time.perf_counter() - started) * 1000
         figures.driver_cpu_ms = (time.thread_time() - cpu_started) * 1000
         self.metrics.record_refresh(batch_id, figures)
+
+    def _rules_broadcast(self, context):
+        """The business rules for this batch as a broadcast, made again only when they changed
+        (the holder re-reads the attributes file once per batch at most)."""
+        rules = self.business_rules.current() if self.business_rules is not None else None
+        held, broadcast = self._rules
+        if rules is not held:
+            if broadcast is not None:
+                broadcast.unpersist()
+            broadcast = context.broadcast(rules) if rules is not None else None
+            self._rules = (rules, broadcast)
+        return broadcast
 
     def _warn_if_nothing_scored(self, batch_id: int, figures: RefreshFigures, model) -> None:
         """Purchases arrived (not replays) and no customer was refreshed: say why, every batch."""
@@ -268,6 +284,7 @@ class StreamingJob:
         self.spark = spark
         self.settings = StreamingSettings.from_config(cfg)
         self.rules = ValidationRules.from_config(cfg)
+        self.business_rules = RulesHolder(RulesConfig.from_config(cfg))   # a bad attributes file fails here
         self.metrics = StreamMetrics(exporter=Exporter())
         self.holder = ModelHolder(store or ModelStore.from_config(cfg), self.settings.model_poll_interval_ms,
                                   default_count_mode=str(cfg.get_path("data.count_mode", "rows")))
@@ -310,7 +327,7 @@ class StreamingJob:
         scoring = (purchase_state_stream(validated, self.settings).writeStream.queryName(SCORING_QUERY)
                    .outputMode("update").foreachBatch(BatchRefresher(
                        self.settings, self.holder, self.executor_settings,
-                       sink_kafka_options(self.cfg, self.settings), self.metrics))
+                       sink_kafka_options(self.cfg, self.settings), self.metrics, self.business_rules))
                    .option("checkpointLocation", f"{checkpoint}/scoring"))
         writers = [(dead_letter, self.settings.dead_letter_trigger_interval_ms),
                    (scoring, self.settings.trigger_interval_ms)]

@@ -6,7 +6,8 @@ purchases since the model's cutoff held in the state, each weighted as the batch
 training events (``ServingModel.event_weights``: rows or units, recency decay). Products the model
 does not know are kept in the state but cannot score. The lists then come from the one scorer
 family both jobs use (``models.scorers``: fold-in and top-k for ALS, the blend, item-kNN,
-popularity), so a customer with no purchase of a known product gets the popularity list.
+popularity), so a customer with no purchase of a known product gets the popularity list. The
+business rules in force (models.business_rules) apply to both lists, as in the batch job.
 """
 from __future__ import annotations
 
@@ -68,11 +69,12 @@ def _flatten(column: pd.Series, dtype) -> np.ndarray:
 
 
 def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclude_purchased: bool,
-                    segments: np.ndarray | None = None) -> Scored:
+                    segments: np.ndarray | None = None, rules=None) -> Scored:
     """Top-k (and the buy-again list) for every customer of the frame (see the module docstring).
 
     ``segments`` (one per customer, None when unknown: the events' optional ``segment``) picks
     the segment's popularity list for a customer with no known purchase, when the model has one.
+    ``rules``: the business rules the driver handed over for this batch (None: none).
     """
     artifact = model.artifact
     indptr, indices, counts = purchase_counts(model, customers)
@@ -80,8 +82,8 @@ def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclud
     vectors = scorers.user_vectors(artifact, indptr, indices, counts) if scorers.needs_vectors(artifact.model_type) else None
     item_idx, scores, strategies = scorers.recommend_from_counts(artifact, indptr, indices, counts, k,
                                                                  exclude_purchased, segments=segments,
-                                                                 vectors=vectors)
-    again_idx, again_scores = scorers.buy_again(artifact, indptr, indices, counts, k, vectors=vectors)
+                                                                 vectors=vectors, rules=rules)
+    again_idx, again_scores = scorers.buy_again(artifact, indptr, indices, counts, k, vectors=vectors, rules=rules)
     return Scored(customers["customer_id"].to_numpy(), item_idx, scores, strategies, again_idx, again_scores)
 
 

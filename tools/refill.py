@@ -129,9 +129,10 @@ def _batch_task(cfg: Config, version: str, strategy: str, computed_at_ms: int) -
 
 
 def _stream_task(cfg: Config, shared, k: int, exclude_purchased: bool, count_mode: str,
-                 computed_at_ms: int) -> Callable:
+                 computed_at_ms: int, rules=None) -> Callable:
     """mapInPandas function: state customers in (purchases since the cutoff), re-scored with the
-    broadcast model as the stream scores them, written; one counts row per Arrow batch out."""
+    broadcast model as the stream scores them (under the configured business rules, ``rules``: a
+    broadcast or None), written; one counts row per Arrow batch out."""
 
     def write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from streaming.refresh import records_for, score_customers
@@ -145,7 +146,8 @@ def _stream_task(cfg: Config, shared, k: int, exclude_purchased: bool, count_mod
                 summary = WriteSummary()
                 if len(held):
                     held["source_offsets"] = None      # not kept in the state
-                    scored = score_customers(model, held, k, exclude_purchased)
+                    scored = score_customers(model, held, k, exclude_purchased,
+                                             rules=rules.value if rules is not None else None)
                     summary = writer.write(records_for(model, held, scored, computed_at_ms))
                 yield _counts(len(batch), len(held), summary)
         finally:
@@ -260,10 +262,12 @@ def refill(cfg: Config, spark, checkpoint: str | None = None, batch_lists: str |
 
 def _refill_from_state(cfg: Config, spark, store, version: str, checkpoint: str, settings,
                        at_ms: int) -> dict[str, int]:
+    from models.business_rules import RulesConfig, load_rules
     from models.store import ModelLoadError
     from streaming.serving import ModelNotServable, ServingModel
 
     count_mode = str(cfg.get_path("data.count_mode", "rows"))
+    rules = load_rules(RulesConfig.from_config(cfg))      # the stream's rules (a bad file: ConfigError, exit 2)
     try:
         artifact = store.load(version)
         shared = spark.sparkContext.broadcast(artifact)      # pickled now, before any scorer cache
@@ -271,11 +275,14 @@ def _refill_from_state(cfg: Config, spark, store, version: str, checkpoint: str,
     except (ModelLoadError, ModelNotServable) as err:
         raise RefillError(f"the published model cannot be served: {err}", EXIT_BAD_INPUT) from None
     customers = _spread(spark, state_customers(spark, checkpoint, model.cutoff_ms, settings.state_ttl_ms, at_ms))
+    shared_rules = spark.sparkContext.broadcast(rules) if rules is not None else None
     try:
         return _run_counted(customers, _stream_task(cfg, shared, settings.k, settings.exclude_purchased,
-                                                    count_mode, at_ms))
+                                                    count_mode, at_ms, shared_rules))
     finally:
         shared.unpersist()
+        if shared_rules is not None:
+            shared_rules.unpersist()
 
 
 def _line(counts: dict[str, int]) -> str:

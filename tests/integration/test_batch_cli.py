@@ -142,3 +142,52 @@ def test_exit_2_for_bad_input(env, tmp_path, transactions, make_input, message):
     assert message in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr
     assert versions(tmp_path / "models") == [] and current_version(tmp_path / "models") is None
+
+
+def _attributes_for(transactions: Path, folder: Path, bad: bool = False) -> tuple[Path, set[str]]:
+    """Every product of the data: the three best sellers out of stock, the next two in a banned
+    category, margins rising with the product's rank (or a margin that is not a number)."""
+    import pandas as pd
+
+    sold = pd.read_csv(transactions, dtype={"product_id": str})["product_id"].dropna().value_counts().index
+    frame = pd.DataFrame({"product_id": sold, "margin": [str(i % 7) for i in range(len(sold))],
+                          "in_stock": [i >= 3 for i in range(len(sold))],
+                          "category": ["gifts" if i in (3, 4) else "food" for i in range(len(sold))]})
+    if bad:
+        frame.loc[5, "margin"] = "high"
+    path = folder / ("bad_attributes.csv" if bad else "attributes.csv")
+    frame.to_csv(path, index=False)
+    return path, set(sold[:5])
+
+
+def test_exit_2_for_a_bad_attributes_file(env, tmp_path, transactions):
+    path, _ = _attributes_for(transactions, tmp_path, bad=True)
+    result = batch(env, "--input", str(transactions), *SMALL, "--set", f"business_rules.attributes={path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{path}: column margin, row 6: 'high' is not a number" in result.stderr
+    assert "Traceback" not in result.stderr and "session 'reco-batch-training'" not in result.stderr
+    assert versions(tmp_path / "models") == []
+
+
+def test_business_rules_shape_the_published_lists_and_are_recorded(env, tmp_path, transactions):
+    import hashlib
+
+    import pandas as pd
+
+    path, banned = _attributes_for(transactions, tmp_path)
+    result = batch(env, "--input", str(transactions), *SMALL, "--set", f"business_rules.attributes={path}",
+                   "--set", "business_rules.exclude.categories=[gifts]", "--set", "business_rules.boost.function=log")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lists = pd.read_parquet(tmp_path / "out" / "recommendations.parquet")
+    listed = {p for column in ("recommendations", "buy_again") for row in lists[column] for p in row}
+    assert listed and not listed & banned
+    assert all(len(row) == 10 for row in lists["recommendations"])
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    recorded = summary["business_rules"]
+    assert recorded["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert recorded["attributes"] == str(path) and recorded["banned"] == 5
+    assert recorded["exclude"] == {"out_of_stock": True, "categories": ["gifts"]}
+    assert recorded["boost"]["function"] == "log"
+    version = current_version(tmp_path / "models")
+    params = json.loads((tmp_path / "models" / "versions" / version / "metadata.json").read_text())["params"]
+    assert params["business_rules"] == recorded

@@ -212,3 +212,54 @@ def test_cross_validation_and_holdout_on_the_executors_give_the_driver_paths_tab
         for metric in ("map", "ndcg", "recall", "users", "coverage"):
             assert executors["exclude_purchased"][name][metric] == pytest.approx(row[metric], rel=1e-6), (name, metric)
     assert results["spark"].model_type == results["driver"].model_type
+
+
+def _rules_for(p, boost: str = "linear"):
+    """The three best sellers out of stock, every product boosted by a margin in [0, 1)."""
+    from models.business_rules import RulesConfig, build_rules
+
+    ids = p["product_ids"]
+    best = set(ids[np.argsort(-p["buyers"], kind="stable")[:3]])
+    frame = pd.DataFrame({"product_id": ids, "margin": np.random.default_rng(3).uniform(0, 1, len(ids)),
+                          "in_stock": [i not in best for i in ids], "category": "any"})
+    config = RulesConfig(attributes="attributes.csv", out_of_stock=True, categories=(), boost=boost, strength=1.0)
+    return build_rules(config, frame, sha256="test"), best
+
+
+@pytest.mark.parametrize("candidate", [Candidate("als"), Candidate("blend", 0.5), Candidate("item_knn"),
+                                       Candidate("als", penalty=0.5)],
+                         ids=["als", "blend", "item_knn", "als-penalised"])
+def test_the_executors_apply_the_business_rules_as_the_driver_does(spark, cfg, tmp_path, prepared, candidate):
+    """The rules reach the tasks (broadcast with the model's item side): the same lists as the
+    driver path, none holding an out-of-stock product, and boosted (not today's lists)."""
+    from batch_training.job import _buy_again_all, _recommend_all
+
+    p = prepared
+    rules, banned = _rules_for(p)
+    plain, artifact = _driver_lists(p, candidate, True, p["factors"])
+    item_idx, scores, strategies = _recommend_all(artifact, p["pairs"], True, K, p["factors"], rules)
+    again_idx, again_scores = _buy_again_all(artifact, p["pairs"], K, rules)
+    ids = p["product_ids"]
+    driver = pd.DataFrame({
+        "customer_id": p["customer_ids"],
+        "recommendations": [[ids[i] for i in row if i >= 0] for row in item_idx],
+        "scores": [[float(s) for s, i in zip(srow, row) if i >= 0] for srow, row in zip(scores, item_idx)],
+        "buy_again": [[ids[i] for i in row if i >= 0] for row in again_idx],
+        "buy_again_scores": [[float(s) for s, i in zip(srow, row) if i >= 0]
+                             for srow, row in zip(again_scores, again_idx)],
+        "strategy": strategies}).set_index("customer_id").sort_index()
+    job_cfg = cfg.with_overrides({"model_store.uri": str(tmp_path / "models"), "batch.customers_per_partition": 60})
+    item_side = _artifact(p["params"], _item_side(p["factors"]), np.zeros(0, dtype=str), p["product_ids"],
+                          p["buyers"], PairArrays.empty(), None, {}, {}, candidate, {})
+    if candidate.model_type == "item_knn":
+        seed_item_neighbours(item_side, p["indexed"], p["maps"].n_users)
+    outputs = run_on_executors(spark, job_cfg, p["indexed"], p["maps"], item_side, p["factors"].user_factors_df, K,
+                               True, tmp_path, rules=rules)
+    executors = outputs.scored.toPandas().set_index("customer_id").sort_index()
+    _assert_same_lists(driver, executors)
+    listed = {i for column in ("recommendations", "buy_again") for row in executors[column] for i in row}
+    assert not listed & banned
+    assert {i for column in ("recommendations", "buy_again") for row in plain[column] for i in row} & banned
+    assert [list(v) for v in executors["recommendations"]] != [list(v) for v in plain["recommendations"]]
+    assert all(len(row) == K for row in executors["recommendations"])
+    outputs.scored.unpersist()

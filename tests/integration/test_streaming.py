@@ -556,3 +556,97 @@ def test_purchases_that_nothing_scores_are_warned_about_and_counted(spark, job_c
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "none scored" in r.getMessage()]
     assert warnings and all("CURRENT pointer" in w and "1 version(s) exist" in w for w in warnings)
     assert "no model published" not in " ".join(warnings)
+
+
+# -- business rules ----------------------------------------------------------------------------
+def _write_attributes(path: Path, model: ModelArtifact, out_of_stock, margins: np.ndarray) -> None:
+    """Every product of the model, written whole then renamed (the stream never reads half a file)."""
+    ids = model.item_ids.astype(str)
+    partial = path.with_suffix(".tmp")
+    pd.DataFrame({"product_id": ids, "margin": margins, "in_stock": ~np.isin(ids, list(out_of_stock)),
+                  "category": "grocery"}).to_csv(partial, index=False)
+    partial.replace(path)
+
+
+def _batch_lists_under_rules(model: ModelArtifact, customers: list[str], rules) -> dict[str, tuple]:
+    """What the batch job lists for these customers under ``rules``: ALS top-k from the trained user
+    factors (its driver and executor paths), purchases excluded, and the buy-again list."""
+    from models import scorers
+
+    users = model.user_index(customers)
+    indptr, indices, counts = model.user_items_of(users)
+    vectors = np.where(users[:, None] >= 0, model.user_factors[np.maximum(users, 0)], 0).astype(np.float32)
+    item_idx, scores = scorers.rank_vectors(model, vectors, K, exclude=(indptr, indices), rules=rules)
+    fallback = users < 0            # the batch job's popularity list for a customer it does not know
+    if fallback.any():
+        idx, sc, _ = scorers.recommend_from_counts(model, indptr, indices, counts, K, True, rules=rules)
+        item_idx[fallback], scores[fallback] = idx[fallback], sc[fallback]
+    again, _ = scorers.buy_again(model, indptr, indices, counts, K, rules=rules)
+    ids = model.item_ids.astype(str)
+    return {c: ([ids[i] for i in item_idx[row] if i >= 0], scores[row], [ids[i] for i in again[row] if i >= 0])
+            for row, c in enumerate(customers)}
+
+
+def _assert_stream_agrees_with_batch(record: dict, expected: tuple, banned: set[str]) -> None:
+    """The batch list under the same rules: each rank the batch's product, or one whose ruled score
+    ties it within rounding (fold-in against trained factors); the buy-again list exactly."""
+    products, scores, again = expected
+    streamed = products_of(record)
+    assert not set(streamed) & banned and not {a["product_id"] for a in record["buy_again"]} & banned
+    assert len(streamed) == K
+    got = np.array([r["score"] for r in record["recommendations"]])
+    np.testing.assert_allclose(got, scores[:K], rtol=1e-3, atol=SCORE_EPSILON)
+    assert sum(a == b for a, b in zip(streamed, products)) >= K - 2, (streamed, products)
+    assert [a["product_id"] for a in record["buy_again"]] == again
+
+
+def test_business_rules_in_the_stream_agree_with_the_batch_and_a_new_file_is_picked_up(
+        spark, cfg, kafka_broker, dynamodb_endpoint, tmp_path, model, caplog):
+    """One running job: its lists under the attributes file equal the batch job's under the same
+    rules; the file is then replaced (other products out of stock) and the next micro-batch's lists
+    follow the new rules, without a restart."""
+    from models.business_rules import RulesConfig, load_rules
+    from streaming.job import StreamingJob
+
+    attributes = tmp_path / "attributes.csv"
+    popular = [str(model.item_ids[i]) for i in model.popularity_order()[:20]]
+    margins = np.random.default_rng(7).uniform(0.0, 1.0, model.n_items)
+    first_banned = set(popular[:3])
+    _write_attributes(attributes, model, first_banned, margins)
+    job_cfg = own_config(cfg.with_overrides({"business_rules.attributes": str(attributes),
+                                             "business_rules.boost.function": "linear",
+                                             "business_rules.boost.strength": 2.0}), tmp_path, model)
+    customers = [str(c) for c in model.user_ids[:5]] + ["NEW-RULES-1"]
+    caplog.set_level(logging.INFO, logger="models.business_rules")
+
+    def buy_unknown(round_no: int) -> None:     # a product the model does not know: the counts stay the trained ones
+        produce(job_cfg, [event(f"rules-{round_no}-{n}", c, f"UNKNOWN-RULES-{round_no}",
+                                cutoff_plus(model, minutes=round_no)) for n, c in enumerate(customers)])
+
+    job = StreamingJob(job_cfg, spark).start()
+    try:
+        buy_unknown(1)
+        wait_for(lambda: job.metrics.totals["new_events"] >= len(customers), 240, "the first purchases scored")
+        first = latest_records(job_cfg)
+        expected = _batch_lists_under_rules(model, customers, load_rules(RulesConfig.from_config(job_cfg)))
+        for customer in customers:
+            _assert_stream_agrees_with_batch(first[customer], expected[customer], first_banned)
+        assert products_of(first["NEW-RULES-1"]) == expected["NEW-RULES-1"][0]      # the popularity list, exactly
+        assert set(popular[:3]) & set(_batch_lists_under_rules(model, ["NEW-RULES-1"], None)["NEW-RULES-1"][0])
+
+        # New file: what the customers were shown first is now out of stock.
+        second_banned = {products_of(first[c])[0] for c in customers} | set(popular[3:5])
+        _write_attributes(attributes, model, second_banned, margins)
+        buy_unknown(2)
+        wait_for(lambda: job.metrics.totals["new_events"] >= 2 * len(customers), 240, "the second purchases scored")
+        second = latest_records(job_cfg)
+        assert job.business_rules.reloads == 1
+        expected = _batch_lists_under_rules(model, customers, load_rules(RulesConfig.from_config(job_cfg)))
+        for customer in customers:
+            assert second[customer]["purchases_since_cutoff"] == 2
+            _assert_stream_agrees_with_batch(second[customer], expected[customer], second_banned)
+        assert products_of(second["NEW-RULES-1"]) != products_of(first["NEW-RULES-1"])
+        assert all(q.isActive and q.exception() is None for q in job.queries)
+    finally:
+        job.stop()
+    assert "business rules reloaded from" in caplog.text

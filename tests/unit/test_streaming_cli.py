@@ -24,3 +24,12 @@ def test_an_unsupported_client_option_exits_2_naming_the_option_not_its_value():
 def test_a_bad_streaming_setting_exits_2():
     result = run_streaming(RECO__STREAMING__SINK_OUTAGE_TOLERANCE="soon")
     assert result.returncode == 2 and "streaming.sink_outage_tolerance" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_bad_attributes_file_exits_2_naming_the_file_and_the_row(tmp_path):
+    path = tmp_path / "attributes.csv"
+    path.write_text("product_id,margin,in_stock,category\nP1,0.2,true,food\nP2,0.1,sometimes,food\n")
+    result = run_streaming(RECO__BUSINESS_RULES__ATTRIBUTES=str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{path}: column in_stock, row 2: 'sometimes' is not a boolean" in result.stderr
+    assert "Traceback" not in result.stderr
