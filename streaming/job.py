@@ -349,7 +349,7 @@ class StreamingJob:
         """The reco-quality query (streaming/quality_job.py), last: it reads what scoring wrote."""
         from streaming.quality_job import QUALITY_QUERY, QualityMonitor, quality_stream
 
-        self.quality = QualityMonitor(self.cfg, self.settings, self.holder, self.metrics.exporter)
+        self.quality = QualityMonitor(self.spark, self.cfg, self.settings, self.holder, self.metrics.exporter)
         return (quality_stream(self.spark, self.cfg, self.settings, self.rules).writeStream
                 .queryName(QUALITY_QUERY).outputMode("update").foreachBatch(self.quality)
                 .option("checkpointLocation", checkpoint))

@@ -7,8 +7,9 @@ foreachBatch adds the few (model version, strategy) counts to
 
 - Prometheus counters (``reco_quality_*``, streaming/observability.py) when the endpoint is on;
 - a summary window, published as one record on ``kafka.topics.quality`` every
-  ``streaming.quality.summary_interval`` (at the first batch past it, and at stop; windows that
-  judged nothing are not published). Schema: docs/quality-summary.schema.json.
+  ``streaming.quality.summary_interval`` (by the first batch past it, or by a timer when no input
+  comes, and at stop; windows that judged nothing are not published), through Spark's Kafka
+  writer. Schema: docs/quality-summary.schema.json.
 
 The scoring query, its checkpoint and its state are untouched: the monitor can be turned on or
 off (``streaming.quality.enabled``) on an existing deployment. A crash replays the quality
@@ -110,10 +111,18 @@ def summary_record(tally: Tally, start_ms: int, end_ms: int, k: int) -> dict:
 
 
 class QualityMonitor:
-    """The quality query's foreachBatch (driver): O(versions x strategies) work per batch."""
+    """The quality query's foreachBatch (driver): O(versions x strategies) work per batch.
 
-    def __init__(self, cfg: Config, settings: StreamingSettings, holder, exporter=None):
-        self.cfg = cfg
+    A window is published when ``streaming.quality.summary_interval`` has passed, by the next
+    micro-batch or, when no input comes (Spark runs no micro-batch then), by a timer thread, so a
+    judged window never waits for traffic; and at stop. Records go through Spark's Kafka writer,
+    with the connection options the scoring query's sink uses.
+    """
+
+    def __init__(self, spark, cfg: Config, settings: StreamingSettings, holder, exporter=None):
+        from models.clients import spark_kafka_sink_options
+
+        self.spark = spark
         self.settings = settings
         self.holder = holder
         self.exporter = exporter
@@ -121,7 +130,11 @@ class QualityMonitor:
         self._window = Tally()
         self._window_start_ms = now_ms()
         self._lock = threading.Lock()
-        self._producer = None
+        self._sink_options = {**spark_kafka_sink_options(cfg, settings.sink_outage_tolerance_ms),
+                              "topic": settings.quality_topic}
+        self._closed = threading.Event()
+        self._timer = threading.Thread(target=self._flush_when_due, name="quality-summary", daemon=True)
+        self._timer.start()
 
     def __call__(self, batch_df, batch_id: int) -> None:
         from pyspark.sql import functions as F
@@ -144,8 +157,18 @@ class QualityMonitor:
         with self._lock:
             self.total.merge(tally)
             self._window.merge(tally)
-        if now_ms() - self._window_start_ms >= self.settings.quality_summary_interval_ms:
+        if self._due():
             self.flush()
+
+    def _due(self) -> bool:
+        return now_ms() - self._window_start_ms >= self.settings.quality_summary_interval_ms
+
+    def _flush_when_due(self) -> None:
+        """The timer: a window that is due is published even when no micro-batch runs."""
+        period_s = max(0.5, self.settings.quality_summary_interval_ms / 4000)
+        while not self._closed.wait(period_s):
+            if self._due():
+                self.flush()
 
     def flush(self) -> dict | None:
         """Publish the current window (if it judged anything) and start the next; returns the record."""
@@ -166,18 +189,13 @@ class QualityMonitor:
         return record
 
     def _send(self, record: dict) -> None:
-        if self._producer is None:
-            from kafka import KafkaProducer
-
-            from models.clients import kafka_options
-
-            self._producer = KafkaProducer(**kafka_options(self.cfg), acks="all")
-        self._producer.send(self.settings.quality_topic, key=b"quality",
-                            value=json.dumps(record, separators=(",", ":")).encode())
-        self._producer.flush(timeout=30)
+        """One record through Spark's Kafka writer (a small batch job on the driver's session)."""
+        frame = self.spark.createDataFrame([("quality", json.dumps(record, separators=(",", ":")))],
+                                           "key string, value string")
+        frame.write.format("kafka").options(**self._sink_options).save()
 
     def close(self) -> None:
+        """Stop the timer and publish the last window."""
+        self._closed.set()
+        self._timer.join(timeout=30)
         self.flush()
-        if self._producer is not None:
-            self._producer.close(timeout=10)
-            self._producer = None

@@ -1,9 +1,13 @@
 """The online quality monitor's judging (streaming/quality.py) on a known sequence: exact counts."""
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
+from models.config import load_config
 from streaming.quality import LIST, PURCHASE, Monitor, Tally, baseline_list, judge_customer
+from streaming.quality_job import QualityMonitor
+from streaming.settings import StreamingSettings
 
 TX = "tx-0"
 POPULAR = ["p1", "p2", "p3", "p4"]
@@ -113,3 +117,34 @@ def test_parse_rows_keeps_valid_purchases_and_stream_lists_only():
         [["c1", PURCHASE, "tx-0", 4], ["c1", LIST, "recs-1", 7]]
     assert rows["event_id"].iloc[0] == "e1" and rows["list_products"].iloc[1] == ["a"]
     assert rows["list_offsets"].iloc[1] == {"tx-0": 4} and rows["list_computed_ms"].iloc[1] == now
+
+
+class _Recorded(QualityMonitor):
+    """The monitor with its Kafka write replaced by a list (the write itself: test_quality_monitor)."""
+
+    def __init__(self, *args, **kwargs):
+        self.sent: list[dict] = []
+        super().__init__(*args, **kwargs)
+
+    def _send(self, record: dict) -> None:
+        self.sent.append(record)
+
+
+def test_a_due_window_is_published_without_new_input_and_the_last_one_at_close():
+    """Spark runs no micro-batch while no input comes: the timer publishes a due window anyway."""
+    cfg = load_config().with_overrides({"streaming.quality.summary_interval": "1 second"})
+    monitor = _Recorded(None, cfg, StreamingSettings.from_config(cfg), holder=None)
+    try:
+        with monitor._lock:
+            monitor._window.add("v1", "personalized", 4, 1, 0)
+        deadline = time.monotonic() + 10
+        while not monitor.sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [(g["judged"], g["hits"]) for r in monitor.sent for g in r["groups"]] == [(4, 1)]
+        with monitor._lock:
+            monitor._window.add("v1", "personalized", 2, 2, 1)
+    finally:
+        monitor.close()
+    assert [(g["judged"], g["hits"], g["baseline_hits"]) for r in monitor.sent for g in r["groups"]] == \
+        [(4, 1, 0), (2, 2, 1)]
+    assert not monitor._timer.is_alive()
