@@ -101,7 +101,7 @@ def packed(cfg) -> Packed:
 def job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make the submitted job use this module's config."""
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
             "streaming.checkpoint_dir", "streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
             "streaming.model_poll_interval", "streaming.state_partitions", "streaming.metrics.port",
             "spark.shuffle_partitions"]

@@ -325,7 +325,7 @@ def faults_table():
 def job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make ``python -m streaming`` use this scenario's config."""
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
             "streaming.checkpoint_dir", "streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
             "streaming.model_poll_interval", "streaming.sink_outage_tolerance", "spark.shuffle_partitions"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}

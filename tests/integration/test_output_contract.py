@@ -35,6 +35,7 @@ def own_cfg(cfg, kafka_broker, dynamodb_endpoint):
     own = cfg.with_overrides({"kafka.topics.transactions": _unique("contract-tx"),
                               "kafka.topics.recommendations": _unique("contract-recs"),
                               "kafka.topics.dead_letter": _unique("contract-dlq"),
+                              "kafka.topics.quality": _unique("contract-quality"),
                               "dynamodb.table": _unique("contract-recs")})
     ensure_topics(own)
     ensure_table(own)
@@ -66,8 +67,9 @@ def _cleanup_policies(cfg, topics: list[str]) -> dict[str, str]:
 def test_the_recommendations_topic_is_created_compacted_and_the_others_are_not(own_cfg, caplog):
     topics = own_cfg.get_path("kafka.topics")
     policies = _cleanup_policies(own_cfg, list(topics.values()))
+    # The quality summaries share one key: compaction would keep only the newest, so "delete".
     assert policies == {topics["recommendations"]: "compact", topics["transactions"]: "delete",
-                        topics["dead_letter"]: "delete"}
+                        topics["dead_letter"]: "delete", topics["quality"]: "delete"}
     caplog.set_level(logging.WARNING, logger="models.clients")
     assert ensure_topics(own_cfg) == []                       # present and compacted: nothing to say
     assert not [r for r in caplog.records if r.name == "models.clients"]
@@ -78,14 +80,15 @@ def test_an_existing_topic_that_is_not_compacted_is_left_alone_with_a_warning(cf
 
     own = cfg.with_overrides({"kafka.topics.transactions": _unique("contract-tx"),
                               "kafka.topics.recommendations": _unique("contract-plain"),
-                              "kafka.topics.dead_letter": _unique("contract-dlq")})
+                              "kafka.topics.dead_letter": _unique("contract-dlq"),
+                              "kafka.topics.quality": _unique("contract-quality")})
     topics = own.get_path("kafka.topics")
     topic = topics["recommendations"]
     admin = KafkaAdminClient(**kafka_options(own), request_timeout_ms=15000)
     try:
         admin.create_topics([NewTopic(topic, 1, 1)])          # as a broker's auto-creation would
         caplog.set_level(logging.WARNING, logger="models.clients")
-        assert ensure_topics(own) == [topics["transactions"], topics["dead_letter"]]
+        assert sorted(ensure_topics(own)) == sorted([topics["transactions"], topics["dead_letter"], topics["quality"]])
         warnings = [r.getMessage() for r in caplog.records if r.name == "models.clients" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and topic in warnings[0] and "cleanup.policy=delete" in warnings[0]
         assert (f"kafka-configs.sh --bootstrap-server {own.get_path('kafka.bootstrap_servers')} --alter "

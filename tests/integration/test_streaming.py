@@ -439,7 +439,7 @@ def _job_env(cfg) -> dict[str, str]:
     import os
 
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
             "model_store.s3_endpoint_url", "streaming.checkpoint_dir", "spark.shuffle_partitions",
             "streaming.metrics.port"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
