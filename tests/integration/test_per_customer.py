@@ -46,11 +46,11 @@ def prepared(spark, cfg, tmp_path_factory):
             "product_ids": _ordered_ids(maps.products, "product_id", "item", maps.n_items)}
 
 
-def _driver_lists(p, candidate: Candidate, exclude: bool, factors) -> tuple[pd.DataFrame, object]:
+def _driver_lists(p, candidate: Candidate, exclude: bool, factors, rules=None) -> tuple[pd.DataFrame, object]:
     artifact = _artifact(p["params"], factors, p["customer_ids"], p["product_ids"], p["buyers"], p["pairs"], None,
                          {}, {}, candidate, {})
-    item_idx, scores, strategies = _recommend_all(artifact, p["pairs"], exclude, K, factors)
-    again_idx, again_scores = _buy_again_all(artifact, p["pairs"], K)
+    item_idx, scores, strategies = _recommend_all(artifact, p["pairs"], exclude, K, factors, rules)
+    again_idx, again_scores = _buy_again_all(artifact, p["pairs"], K, rules)
     ids = p["product_ids"]
     frame = pd.DataFrame({
         "customer_id": p["customer_ids"],
@@ -63,14 +63,15 @@ def _driver_lists(p, candidate: Candidate, exclude: bool, factors) -> tuple[pd.D
     return frame.set_index("customer_id").sort_index(), artifact
 
 
-def _executor_run(spark, cfg, tmp_path, p, candidate: Candidate, exclude: bool, factors, user_factors_df):
+def _executor_run(spark, cfg, tmp_path, p, candidate: Candidate, exclude: bool, factors, user_factors_df,
+                  rules=None):
     job_cfg = cfg.with_overrides({"model_store.uri": str(tmp_path / "models"), "batch.customers_per_partition": 60})
     item_side = _artifact(p["params"], _item_side(factors), np.zeros(0, dtype=str), p["product_ids"], p["buyers"],
                           PairArrays.empty(), None, {}, {}, candidate, {})
     if candidate.model_type == "item_knn":
         seed_item_neighbours(item_side, p["indexed"], p["maps"].n_users)
     outputs = run_on_executors(spark, job_cfg, p["indexed"], p["maps"], item_side, user_factors_df, K, exclude,
-                               tmp_path)
+                               tmp_path, rules=rules)
     scored = outputs.scored.toPandas().set_index("customer_id").sort_index()
     return scored, outputs, item_side, job_cfg
 
@@ -232,30 +233,12 @@ def _rules_for(p, boost: str = "linear"):
 def test_the_executors_apply_the_business_rules_as_the_driver_does(spark, cfg, tmp_path, prepared, candidate):
     """The rules reach the tasks (broadcast with the model's item side): the same lists as the
     driver path, none holding an out-of-stock product, and boosted (not today's lists)."""
-    from batch_training.job import _buy_again_all, _recommend_all
-
     p = prepared
     rules, banned = _rules_for(p)
-    plain, artifact = _driver_lists(p, candidate, True, p["factors"])
-    item_idx, scores, strategies = _recommend_all(artifact, p["pairs"], True, K, p["factors"], rules)
-    again_idx, again_scores = _buy_again_all(artifact, p["pairs"], K, rules)
-    ids = p["product_ids"]
-    driver = pd.DataFrame({
-        "customer_id": p["customer_ids"],
-        "recommendations": [[ids[i] for i in row if i >= 0] for row in item_idx],
-        "scores": [[float(s) for s, i in zip(srow, row) if i >= 0] for srow, row in zip(scores, item_idx)],
-        "buy_again": [[ids[i] for i in row if i >= 0] for row in again_idx],
-        "buy_again_scores": [[float(s) for s, i in zip(srow, row) if i >= 0]
-                             for srow, row in zip(again_scores, again_idx)],
-        "strategy": strategies}).set_index("customer_id").sort_index()
-    job_cfg = cfg.with_overrides({"model_store.uri": str(tmp_path / "models"), "batch.customers_per_partition": 60})
-    item_side = _artifact(p["params"], _item_side(p["factors"]), np.zeros(0, dtype=str), p["product_ids"],
-                          p["buyers"], PairArrays.empty(), None, {}, {}, candidate, {})
-    if candidate.model_type == "item_knn":
-        seed_item_neighbours(item_side, p["indexed"], p["maps"].n_users)
-    outputs = run_on_executors(spark, job_cfg, p["indexed"], p["maps"], item_side, p["factors"].user_factors_df, K,
-                               True, tmp_path, rules=rules)
-    executors = outputs.scored.toPandas().set_index("customer_id").sort_index()
+    plain, _ = _driver_lists(p, candidate, True, p["factors"])
+    driver, _ = _driver_lists(p, candidate, True, p["factors"], rules)
+    executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, candidate, True, p["factors"],
+                                             p["factors"].user_factors_df, rules)
     _assert_same_lists(driver, executors)
     listed = {i for column in ("recommendations", "buy_again") for row in executors[column] for i in row}
     assert not listed & banned
