@@ -46,6 +46,14 @@ def kafka_unreachable(cfg: Config, err: Exception) -> ServiceUnreachable:
         f"(python -m infra start) or set kafka.bootstrap_servers / RECO__KAFKA__BOOTSTRAP_SERVERS")
 
 
+def exit_for(err: Exception) -> int:
+    """Print a tool's failure in one line on stderr; its exit code (3 unreachable, else 2 bad input)."""
+    import sys
+
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_UNREACHABLE if isinstance(err, ServiceUnreachable) else EXIT_BAD_INPUT
+
+
 def quiet_client_logs() -> None:
     """Command-line logging: warnings only, and none from the clients' retry loops.
 

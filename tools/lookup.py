@@ -16,7 +16,7 @@ from typing import Any
 
 from models.config import Config, ConfigError, load_config
 from models.records import iso_utc
-from tools import EXIT_BAD_INPUT, EXIT_NOTHING, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable, quiet_client_logs
+from tools import EXIT_NOTHING, EXIT_OK, ServiceUnreachable, exit_for, quiet_client_logs
 
 
 def _where(cfg: Config) -> str:
@@ -77,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config()
         item = lookup(cfg, args.customer_id)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ServiceUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except (ConfigError, ServiceUnreachable) as err:
+        return exit_for(err)
     if item is None:
         print(f"no recommendations stored for customer {args.customer_id!r} in {_where(cfg)}", file=sys.stderr)
         return EXIT_NOTHING

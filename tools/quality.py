@@ -12,7 +12,7 @@ import sys
 import time
 
 from models.config import Config, ConfigError, load_config
-from tools import EXIT_BAD_INPUT, EXIT_NOTHING, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable, kafka_unreachable, quiet_client_logs
+from tools import EXIT_NOTHING, EXIT_OK, ServiceUnreachable, exit_for, kafka_unreachable, quiet_client_logs
 
 
 def read_summaries(cfg: Config, since_ms: int = 0, timeout_s: float = 10) -> list[dict]:
@@ -87,12 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config()
         records = read_summaries(cfg, since)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ServiceUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except (ConfigError, ServiceUnreachable) as err:
+        return exit_for(err)
     rows = hit_rates(records)
     if not rows:
         print(f"no quality summary on {cfg.get_path('kafka.topics.quality')} yet (the streaming job publishes one "

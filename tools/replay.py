@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from models.config import Config, ConfigError, load_config
-from tools import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable,
-                   bootstrap_options, kafka_unreachable, quiet_client_logs)
+from tools import (EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable, bootstrap_options, exit_for,
+                   kafka_unreachable, quiet_client_logs)
 
 log = logging.getLogger(__name__)
 
@@ -504,12 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                          duplicate_share=args.duplicates, seed=args.seed,
                          skip_invalid_rows=not args.send_invalid_rows, progress=not args.quiet, total=total,
                          connect_timeout_s=args.connect_timeout)
-    except (InputError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ServiceUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except (InputError, ConfigError, ServiceUnreachable) as err:
+        return exit_for(err)
     print(summary)
     if summary.failed:
         print(f"error: {summary.failed} messages were not acknowledged by the broker at "

@@ -21,8 +21,8 @@ from typing import Any, Collection, TextIO
 
 from models.config import Config, ConfigError, load_config
 from models.records import iso_utc
-from tools import (EXIT_BAD_INPUT, EXIT_NOTHING, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable,
-                   bootstrap_options, kafka_unreachable, quiet_client_logs)
+from tools import (EXIT_NOTHING, EXIT_OK, ServiceUnreachable, bootstrap_options, exit_for, kafka_unreachable,
+                   quiet_client_logs)
 
 TOPIC_KEYS = {"recommendations": "kafka.topics.recommendations",
               "dead-letter": "kafka.topics.dead_letter",
@@ -233,12 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         printed = tail(load_config(), args.kind, customers=customers or None, from_beginning=args.from_beginning,
                        max_records=args.max, timeout_s=args.timeout, as_json=args.json, top=args.top,
                        topic=args.topic, connect_timeout_s=args.connect_timeout)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ServiceUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except (ConfigError, ServiceUnreachable) as err:
+        return exit_for(err)
     if printed:
         return EXIT_OK
     if args.allow_empty and args.timeout is not None:
