@@ -35,16 +35,6 @@ def multipliers(popularity: np.ndarray, beta: float) -> np.ndarray:
     return np.power(1.0 + np.asarray(popularity, dtype=np.float64), -float(beta))
 
 
-def penalized_factors(item_factors: np.ndarray, popularity: np.ndarray, beta: float) -> np.ndarray:
-    """ALS item factors whose dot products are the penalised scores (float32)."""
-    return scaled_factors(item_factors, multipliers(popularity, beta))
-
-
-def penalized_table(table, popularity: np.ndarray, beta: float):
-    """An item-kNN neighbour table whose summed columns are the penalised scores (float32 CSR)."""
-    return scaled_table(table, multipliers(popularity, beta))
-
-
 def scaled_factors(item_factors: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
     """Item rows whose dot products are the scores times each product's multiplier (float32): any
     per-product multiplier (this penalty, the business rules' boost) folds in the same way."""

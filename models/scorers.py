@@ -137,8 +137,9 @@ def _personal_top_k(artifact, indptr, indices, counts, k, excluded, vectors=None
                              banned=banned_of(item_rules))
     weight = float(artifact.params.get("blend_weight", 1.0))
     users, items = blend_factors(vectors, artifact.item_factors, artifact.popularity, weight, best=vector_max)
-    if item_rules is not None and item_rules.multiplier is not None:
-        items = popularity_bias.scaled_factors(items, item_rules.multiplier)
+    boost = boost_of(item_rules)
+    if boost is not None:
+        items = popularity_bias.scaled_factors(items, boost)
     return scoring.top_k(users, items, k, exclude=excluded, banned=banned_of(item_rules))
 
 
@@ -220,11 +221,11 @@ def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndar
     relevance[known] = pair_scores(artifact, indptr, indices, counts, rows[known], indices[known], vectors)
     combined = _share_of_row_max(relevance, rows, n) + _share_of_row_max(counts, rows, n)
     item_rules = rules_for(artifact, rules)
-    if item_rules is not None:
-        if item_rules.multiplier is not None:
-            combined[known] *= item_rules.multiplier[indices[known]]
-        if item_rules.banned is not None:
-            known[known] = ~item_rules.banned[indices[known]]
+    boost, banned = boost_of(item_rules), banned_of(item_rules)
+    if boost is not None:
+        combined[known] *= boost[indices[known]]
+    if banned is not None:
+        known[known] = ~banned[indices[known]]
     return scoring.top_k_of_triples(rows[known], indices[known], combined[known], n, k)
 
 

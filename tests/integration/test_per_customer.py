@@ -18,7 +18,7 @@ from batch_training.evaluation import item_popularity
 from batch_training.per_customer import partitions_for, run_on_executors, seed_item_neighbours, use_executors
 from batch_training.train import AlsParams, PairArrays, fit_als
 from models.neighbours import KnnParams
-from models.popularity_bias import penalized_factors
+from models.popularity_bias import multipliers, scaled_factors
 from models.scoring import top_k
 from models.store import ModelStore
 
@@ -103,7 +103,7 @@ def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepare
     _assert_same_lists(driver, executors)
     if candidate.model_type == "als" and candidate.penalty:
         # The published lists rank by the penalised scores, as the evaluation and the stream do.
-        penalised = penalized_factors(p["factors"].item_factors, p["buyers"], candidate.penalty)
+        penalised = scaled_factors(p["factors"].item_factors, multipliers(p["buyers"], candidate.penalty))
         users = np.arange(p["maps"].n_users)
         want, _ = top_k(p["factors"].user_factors, penalised, K, exclude=p["pairs"].rows(users))
         ids = p["product_ids"]
