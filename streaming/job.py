@@ -32,7 +32,7 @@ from models.business_rules import BusinessRules, RulesConfig, RulesHolder
 from models.config import Config
 from models.records import describe_error, now_ms
 from streaming.events import REASON_KINDS, ValidationRules, validate_values
-from streaming.metrics import (DEAD_LETTER_QUERY, REASON_PREFIX, SCORING_QUERY, VALIDATION_OBSERVATION,
+from streaming.metrics import (DEAD_LETTER_QUERY, QUALITY_QUERY, REASON_PREFIX, SCORING_QUERY, VALIDATION_OBSERVATION,
                                RefreshFigures, StreamMetrics, make_listener)
 from streaming import latency as latency_hist
 from streaming.executor import SCORED_SCHEMA, ExecutorSettings, SummaryList, scorer
@@ -289,7 +289,6 @@ class StreamingJob:
         self.holder = ModelHolder(store or ModelStore.from_config(cfg), self.settings.model_poll_interval_ms,
                                   default_count_mode=str(cfg.get_path("data.count_mode", "rows")))
         self.executor_settings = ExecutorSettings.from_config(cfg, self.settings, write_table=write_table)
-        self.recommendations_topic = str(cfg.get_path("kafka.topics.recommendations"))
         self.table_name = str(cfg.get_path("dynamodb.table")) if write_table else None
         self.queries: list = []
         self.quality = None              # the QualityMonitor when streaming.quality.enabled
@@ -338,8 +337,8 @@ class StreamingJob:
                       else writer.trigger(processingTime=f"{interval_ms} milliseconds"))
             self.queries.append(writer.start())
         log.info("streaming scorer started: %s -> %s and table %s (dead letters: %s), checkpoints in %s, "
-                 "trigger %s", self.settings.transactions_topic, self.recommendations_topic, self.table_name or "(none)",
-                 self.settings.dead_letter_topic, checkpoint,
+                 "trigger %s", self.settings.transactions_topic, self.settings.recommendations_topic,
+                 self.table_name or "(none)", self.settings.dead_letter_topic, checkpoint,
                  "available-now" if available_now else
                  f"every {self.settings.trigger_interval_ms} ms (dead letters every "
                  f"{self.settings.dead_letter_trigger_interval_ms} ms)")
@@ -347,7 +346,7 @@ class StreamingJob:
 
     def _quality_writer(self, checkpoint: str):
         """The reco-quality query (streaming/quality_job.py), last: it reads what scoring wrote."""
-        from streaming.quality_job import QUALITY_QUERY, QualityMonitor, quality_stream
+        from streaming.quality_job import QualityMonitor, quality_stream
 
         self.quality = QualityMonitor(self.spark, self.cfg, self.settings, self.holder, self.metrics.exporter)
         return (quality_stream(self.spark, self.cfg, self.settings, self.rules).writeStream

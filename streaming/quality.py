@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
+from streaming.state import processor_base
+
 STATE_VARIABLE = "monitor"
 MONITOR_SCHEMA = ("list_products array<string>, list_version string, list_strategy string, list_computed_ms bigint, "
                   "pending_event_ids array<string>, pending_products array<string>, "
@@ -160,13 +162,7 @@ def _judge(monitor: Monitor, purchase: Pending, popular: Sequence[str], k: int, 
         monitor.bought.append(purchase.product)
 
 
-def _processor_base():
-    from pyspark.sql.streaming import StatefulProcessor
-
-    return StatefulProcessor
-
-
-class QualityProcessor(_processor_base()):
+class QualityProcessor(processor_base()):
     """The quality query's StatefulProcessor: ``judge_customer`` over the ``monitor`` state; one
     output row per (model version, strategy) judged for the customer in the batch."""
 

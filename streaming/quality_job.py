@@ -29,7 +29,6 @@ import pandas as pd
 from models.config import Config
 from models.records import iso_utc, now_ms
 from streaming.events import ValidationRules, validate_values
-from streaming.metrics import QUALITY_QUERY  # noqa: F401 - the query's name, re-exported for the job
 from streaming.quality import INPUT_COLUMNS, INPUT_SCHEMA, LIST, MAX_REMEMBERED, OUTPUT_SCHEMA, PURCHASE, \
     QualityProcessor, Tally
 from streaming.settings import StreamingSettings

@@ -174,13 +174,15 @@ def iso_to_ms(text: str | None) -> int | None:
     return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def _processor_base():
+def processor_base():
+    """The base class of the stream's state processors (Spark's StatefulProcessor): the scoring
+    query's here, the quality monitor's in streaming/quality.py."""
     from pyspark.sql.streaming import StatefulProcessor
 
     return StatefulProcessor
 
 
-class PurchaseStateProcessor(_processor_base()):
+class PurchaseStateProcessor(processor_base()):
     """The StatefulProcessor of the scoring query (Row-based ``transformWithState``; one instance
     per partition and batch)."""
 
