@@ -282,7 +282,7 @@ def print_live_hit_rate(cfg: Config, since_ms: int, wait_s: float = 60) -> None:
     if not rows:
         print("   live hit rate: no purchase judged yet (a customer's first purchase has no list shown before it)")
         return
-    print(f"   live hit rate (python -m tools quality):\n      "
+    print("   live hit rate (python -m tools quality):\n      "
           + format_table(rows, int(cfg.get_path("streaming.k"))).replace("\n", "\n      "))
 
 
