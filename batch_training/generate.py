@@ -17,6 +17,8 @@ It is also built so that the recommender has something to learn, as on the real 
 
 Scaling rule: ``factor`` multiplies the customers, hence the rows, and the catalogue (at least
 three products in each of the 200 categories); per-customer behaviour does not change.
+``catalogue_factor`` (default: ``factor``) sizes the catalogue on its own, for the usual case of a
+grocer whose range stays put while its customers grow.
 
 Raw format (``transactions.csv`` or ``.parquet``), one row per purchase sorted by event_time:
 ``transaction_id, customer_id, product_id, quantity, event_time``. Every column is text, as in a
@@ -112,14 +114,18 @@ class Customers:
     segment: np.ndarray
 
 
-def generate(factor: float = 1.0, seed: int = 42) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The (transactions, products) frames for ``factor`` times the real dataset's size."""
-    if not factor > 0:
-        raise ValueError(f"factor must be a positive number (1.0 = the real dataset's size), got {factor!r}")
+def generate(factor: float = 1.0, seed: int = 42,
+             catalogue_factor: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The (transactions, products) frames for ``factor`` times the real dataset's customers and
+    ``catalogue_factor`` (default ``factor``) times its catalogue."""
+    catalogue_factor = factor if catalogue_factor is None else catalogue_factor
+    for name, value in (("factor", factor), ("catalogue factor", catalogue_factor)):
+        if not value > 0:
+            raise ValueError(f"{name} must be a positive number (1.0 = the real dataset's size), got {value!r}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
-    catalogue = _catalogue(rng, max(1, round(SHAPE.catalogue * factor)))
+    catalogue = _catalogue(rng, max(1, round(SHAPE.catalogue * catalogue_factor)))
     customers = _customers(rng, max(1, round(SHAPE.customers * factor)), catalogue)
     pair_customer, pair_product, counts = _purchase_pairs(rng, customers, catalogue)
     product_ids = _product_codes(rng, catalogue.category_of.size)
@@ -278,11 +284,12 @@ def _products(rng: np.random.Generator, catalogue: Catalogue, product_ids: np.nd
                          "name": names.astype(object)}, columns=PRODUCT_COLUMNS)
 
 
-def write(out_dir: str | Path, factor: float = 1.0, seed: int = 42, fmt: str = "csv") -> dict[str, Path]:
+def write(out_dir: str | Path, factor: float = 1.0, seed: int = 42, fmt: str = "csv",
+          catalogue_factor: float | None = None) -> dict[str, Path]:
     """Generate and write ``transactions.<fmt>`` and ``products.csv`` into ``out_dir``."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
-    transactions, products = generate(factor, seed)
+    transactions, products = generate(factor, seed, catalogue_factor)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"transactions": out / f"transactions.{fmt}", "products": out / "products.csv"}
@@ -311,11 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write transactions.<format> and products.csv to")
     parser.add_argument("--factor", type=float, default=1.0,
                         help="size relative to the real dataset (1.0: 1.2 M rows, 6,982 customers)")
+    parser.add_argument("--catalogue-factor", type=float, default=None,
+                        help="catalogue size relative to the real dataset's 100 k products (default: --factor)")
     parser.add_argument("--seed", type=int, default=42, help="same seed and factor: byte-identical files")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="format of the transactions file")
     args = parser.parse_args(argv)
     try:
-        write(args.out, args.factor, args.seed, args.format)
+        write(args.out, args.factor, args.seed, args.format, args.catalogue_factor)
     except ValueError as err:
         parser.error(str(err))
     return 0

@@ -398,18 +398,24 @@ def factor_name(factor: float) -> str:
     return f"f{factor:g}"
 
 
-def ensure_data(root: Path, factor: float) -> dict[str, Any]:
-    """<root>/f<F>/transactions.csv, generated (into a partial folder, then renamed) when missing."""
-    folder = root / factor_name(factor)
+def data_name(factor: float, catalogue_factor: float | None) -> str:
+    """f<F> (the catalogue grows with the customers) or f<F>c<C> (a catalogue of its own size)."""
+    return factor_name(factor) + ("" if catalogue_factor is None else f"c{catalogue_factor:g}")
+
+
+def ensure_data(root: Path, factor: float, catalogue_factor: float | None = None) -> dict[str, Any]:
+    """<root>/<data_name>/transactions.csv, generated (into a partial folder, then renamed) when missing."""
+    folder = root / data_name(factor, catalogue_factor)
     data = folder / "transactions.csv"
-    info: dict[str, Any] = {"generated_now": False}
+    info: dict[str, Any] = {"generated_now": False, "catalogue_factor": catalogue_factor or factor}
     if not data.exists():
-        partial = root / f"{factor_name(factor)}.partial"
+        partial = root / f"{folder.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         print(f"--- generating factor {factor:g} into {folder}", flush=True)
         started = time.perf_counter()
+        catalogue = [] if catalogue_factor is None else ["--catalogue-factor", f"{catalogue_factor:g}"]
         subprocess.run([sys.executable, "-m", "batch_training.generate", "--out", str(partial),
-                        "--factor", f"{factor:g}", "--seed", "42"], cwd=REPO, check=True)
+                        "--factor", f"{factor:g}", "--seed", "42", *catalogue], cwd=REPO, check=True)
         partial.rename(folder)
         info.update(generated_now=True, generate_seconds=round(time.perf_counter() - started, 1))
     info.update(path=str(data), bytes=data.stat().st_size)
@@ -549,7 +555,7 @@ def job_env(scratch_run: Path, local: bool) -> dict[str, str]:
 
 
 def run_factor(opts: argparse.Namespace, factor: float, cluster: Cluster | None, files: Path) -> dict[str, Any]:
-    data = ensure_data(opts.data_root, factor)
+    data = ensure_data(opts.data_root, factor, opts.catalogue_factor)
     scratch = Path(tempfile.mkdtemp(prefix=f"scale-{factor_name(factor)}-"))
     PLACEHOLDERS[str(scratch)] = "<scratch>"
     job_args = ["--no-cv", "--input", data["path"], "--set", f"batch.topk_engine={opts.engine}",
@@ -708,6 +714,9 @@ def report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--factors", default="1,4,10", help="comma-separated generated data sizes (1 = 1.2M rows)")
+    parser.add_argument("--catalogue-factor", type=float, default=None,
+                        help="a catalogue of this size at every factor (1 = 100 k products; default: it grows "
+                             "with the factor), data in DIR/f<factor>c<this>/")
     parser.add_argument("--data-root", required=True, type=lambda p: Path(p).resolve(),
                         help="generated data goes to DIR/f<factor>/ (generated only when missing)")
     parser.add_argument("--engine", choices=["spark", "driver", "auto"], default="spark",

@@ -125,6 +125,14 @@ def test_factor_scales_customers_and_rows():
     assert large_stats["raw_rows"] / small_stats["raw_rows"] == pytest.approx(2.0, rel=0.1)
 
 
+def test_catalogue_factor_holds_the_catalogue_while_customers_grow(tmp_path):
+    """The scale benchmark's fixed-catalogue runs: more customers, the same range of products."""
+    main(["--out", str(tmp_path), "--factor", "0.2", "--catalogue-factor", "0.05", "--seed", "3"])
+    offered = len(pd.read_csv(tmp_path / "products.csv"))
+    assert offered == len(generate(factor=0.05, seed=3)[1]) < 0.5 * len(generate(factor=0.2, seed=3)[1])
+    assert _statistics(_read(tmp_path / "transactions.csv"))["customers"] == round(REAL["customers"] * 0.2)
+
+
 def test_factor_one_matches_the_real_dataset_within_ten_percent():
     started = time.process_time()
     transactions, _ = generate(factor=1.0, seed=42)
@@ -154,6 +162,7 @@ def test_written_csv_keeps_blank_ids_and_text_quantities(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--factor", "0"], "factor must be a positive number"),
+                                           (["--catalogue-factor", "-1"], "catalogue factor must be a positive"),
                                            (["--seed", "-1"], "seed must be a non-negative integer"),
                                            (["--format", "xlsx"], "invalid choice")])
 def test_bad_arguments_are_named(tmp_path, capsys, argv, message):
