@@ -1,5 +1,5 @@
 # The two README commands (`make demo`, `make test`) and a few helpers. Each runs the set-up first.
-.PHONY: setup demo test services-up services-down services-status lock
+.PHONY: setup demo test lint services-up services-down services-status lock
 
 setup:
 	@scripts/setup.sh
@@ -7,8 +7,13 @@ setup:
 demo: setup
 	@.venv/bin/python -m tools.demo
 
-test: setup
+# The suite runs after the lint, so CI (which runs make test) fails on either.
+test: setup lint
 	@scripts/test.sh
+
+# ruff with the settings in pyproject.toml: pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+lint: setup
+	@.venv/bin/ruff check .
 
 services-up: setup
 	@.venv/bin/python -m infra start

@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "batch.scorers.candidates (every candidate is still reported on the holdout)")
     parser.add_argument("--no-publish", action="store_true", help="write the model version but do not make it current")
     parser.add_argument("--write-table", action="store_true", help="also write every customer's list to DynamoDB")
-    parser.add_argument("--write-topic", action="store_true", help="also publish every list to the recommendations topic")
+    parser.add_argument("--write-topic", action="store_true",
+                        help="also publish every list to the recommendations topic")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config (secrets redacted) and exit")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

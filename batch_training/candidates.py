@@ -17,8 +17,7 @@ import numpy as np
 from models.artifact import ModelArtifact
 from models.neighbours import WEIGHTINGS, KnnParams
 from models.popularity_bias import PENALIZED_TYPES, check_penalty
-from models.scorers import (MODEL_TYPES, best_scores, give_neighbours, needs_vectors, recommend_from_counts,
-                            user_vectors)
+from models.scorers import MODEL_TYPES, best_scores, give_neighbours, needs_vectors, recommend_from_counts, user_vectors
 
 log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = ("als", "blend", "popularity", "item_knn")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class ColumnMapping:
     segment: str | None = None
 
     @classmethod
-    def from_config(cls, columns: Mapping[str, Any]) -> "ColumnMapping":
+    def from_config(cls, columns: Mapping[str, Any]) -> ColumnMapping:
         """From the ``data.columns`` section; an unknown key or a missing id column is an error."""
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(columns) - known)
@@ -114,7 +115,7 @@ class SourceSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, data: Mapping[str, Any], path: str | None = None) -> "SourceSpec":
+    def from_config(cls, data: Mapping[str, Any], path: str | None = None) -> SourceSpec:
         """From a ``data:`` section; ``path`` replaces ``data.path`` (e.g. once resolved)."""
         path = path or data.get("path")
         if not path:

@@ -21,13 +21,22 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from batch_training.data import (ColumnMapping, DataSourceError, SourceSpec, check_mapped_columns,
-                                 clean, is_uri, read_raw, read_table)
+from batch_training.data import (
+    ColumnMapping,
+    DataSourceError,
+    SourceSpec,
+    check_mapped_columns,
+    clean,
+    is_uri,
+    read_raw,
+    read_table,
+)
 from models.config import REPO_ROOT
 
 log = logging.getLogger(__name__)

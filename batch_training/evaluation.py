@@ -33,13 +33,13 @@ The returned DataFrames are lazy and deterministic: cache them when they are use
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from batch_training.metrics import (PADDING, catalog_coverage, intra_list_diversity, novelty,
-                                    ranking_metrics)
+from batch_training.metrics import PADDING, catalog_coverage, intra_list_diversity, novelty, ranking_metrics
 
 USER, ITEM, COUNT, LAST_TIME, REPURCHASE = "user", "item", "count", "last_time", "repurchase"
 QUANTITY, EVENT_TIME = "quantity", "event_time"

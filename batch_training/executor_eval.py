@@ -22,8 +22,8 @@ distinct count: tasks emit their distinct recommended items and Spark counts the
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
-from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -86,7 +86,8 @@ def candidate_table_on_executors(train, test, base: ModelArtifact, candidates: l
     """
     score = partial(_score_candidates, candidates=list(candidates), k=k, exclude_purchased=exclude_purchased)
     names = list(dict.fromkeys(c.name for c in candidates))
-    return _evaluate(train, _relevant_rows(test, exclude_purchased), _item_side(base, train, candidates, n_users or popularity.n_customers, tables),
+    item_side = _item_side(base, train, candidates, n_users or popularity.n_customers, tables)
+    return _evaluate(train, _relevant_rows(test, exclude_purchased), item_side,
                      score, names, k, popularity, item_factors, partitions)
 
 
@@ -99,7 +100,8 @@ def buy_again_table_on_executors(train, test, base: ModelArtifact, k: int, selec
 
     scored = list(dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]))
     score = partial(_score_buy_again, candidates=scored, k=k)
-    table = _evaluate(train, test.where(F.col("repurchase")), _item_side(base, train, scored, n_users or popularity.n_customers, tables), score,
+    item_side = _item_side(base, train, scored, n_users or popularity.n_customers, tables)
+    table = _evaluate(train, test.where(F.col("repurchase")), item_side, score,
                       [f"buy_again({c.name})" for c in scored], k, popularity, None, partitions)
     return table if any(metrics["users"] for metrics in table.values()) else {}
 

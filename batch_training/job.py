@@ -13,31 +13,60 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from batch_training.candidates import (Candidate, as_candidate, candidates_from_config, recommend_candidates,
-                                       knn_from_config, scoring_artifact, seed_neighbour_tables, select_model,
-                                       PARAMETER_FREE)
+from batch_training.candidates import (
+    PARAMETER_FREE,
+    Candidate,
+    as_candidate,
+    candidates_from_config,
+    knn_from_config,
+    recommend_candidates,
+    scoring_artifact,
+    seed_neighbour_tables,
+    select_model,
+)
 from batch_training.data import COUNT_MODES, DataSourceError, aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
-from batch_training.evaluation import (SPLIT_METHODS, evaluation_users, format_metrics_table, holdout_split,
-                                       item_popularity, kfold_splits, relevant_sets, evaluate)
-from batch_training.metrics import rmse
+from batch_training.evaluation import (
+    SPLIT_METHODS,
+    evaluate,
+    evaluation_users,
+    format_metrics_table,
+    holdout_split,
+    item_popularity,
+    kfold_splits,
+    relevant_sets,
+)
 from batch_training.executor_eval import buy_again_table_on_executors, candidate_table_on_executors
-from batch_training.per_customer import (partitions_for, run_on_executors, seed_item_neighbours, use_executors,
-                                         write_sinks)
+from batch_training.metrics import rmse
+from batch_training.per_customer import (
+    partitions_for,
+    run_on_executors,
+    seed_item_neighbours,
+    use_executors,
+    write_sinks,
+)
 from batch_training.report import write_report
-from batch_training.train import (AlsParams, Factors, PairArrays, Race, counts_as_ratings, cross_validate, fit_als,
-                                  params_grid)
+from batch_training.train import (
+    AlsParams,
+    Factors,
+    PairArrays,
+    Race,
+    counts_as_ratings,
+    cross_validate,
+    fit_als,
+    params_grid,
+)
 from models.business_rules import RulesConfig, load_rules
 from models.config import Config, ConfigError
 from models.neighbours import KnnParams, item_neighbours
-from models.scorers import needs_vectors
 from models.scaling import SCALINGS
+from models.scorers import needs_vectors
 
 log = logging.getLogger("batch_training")
 
@@ -86,7 +115,8 @@ def als_params_from_config(cfg: Config) -> AlsParams:
     values = dict(cfg.get_path("batch.als", {}) or {})
     unknown = set(values) - set(AlsParams.__dataclass_fields__)
     if unknown:
-        raise ConfigError(f"unknown batch.als setting(s) {sorted(unknown)}: use {sorted(AlsParams.__dataclass_fields__)}")
+        raise ConfigError(f"unknown batch.als setting(s) {sorted(unknown)}: "
+                          f"use {sorted(AlsParams.__dataclass_fields__)}")
     params = AlsParams(**values)
     _check_als(params, "batch.als")
     return params
@@ -148,7 +178,8 @@ def check_settings(cfg: Config) -> AlsParams:
             raise ConfigError(f"{key} {value!r}: use one of {list(allowed)}")
     for key in ("batch.selection_metric", "batch.publish.metric"):
         if cfg.get_path(key, default_metric) in LOWER_IS_BETTER and base.implicit_prefs:
-            raise ConfigError(f"{key} rmse needs explicit ratings (batch.als.implicit_prefs: false, or --mode explicit)")
+            raise ConfigError(f"{key} rmse needs explicit ratings "
+                              "(batch.als.implicit_prefs: false, or --mode explicit)")
     for key, least in (("batch.k", 1), ("batch.cv_folds", 0), ("batch.executor_min_customers", 0),
                        ("batch.customers_per_partition", 1), ("batch.holdout.max_evaluated_customers", 1)):
         value = cfg.get_path(key, least)
@@ -768,7 +799,8 @@ def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, bu
         item_factors=factors.item_factors,
         user_ids=customer_ids, user_factors=factors.user_factors, popularity=buyers.astype(np.float64),
         user_items_indptr=pairs.indptr, user_items_indices=pairs.indices, user_items_counts=pairs.counts,
-        params={**params.as_dict(), **selected.params(), **(recency or {})}, cutoff_time=cutoff_iso, stats=_jsonable(stats),
+        params={**params.as_dict(), **selected.params(), **(recency or {})}, cutoff_time=cutoff_iso,
+        stats=_jsonable(stats),
         metrics=_jsonable(metrics))
     if artifact.model_type == "item_knn" and artifact.n_users:
         artifact.item_neighbours = item_neighbours_of(artifact)   # stored: the stream never rebuilds it
@@ -798,7 +830,8 @@ def build_lineage(cfg: Config, stats: dict, params: dict) -> dict:
     and the version that was current when it was trained (``parent_version``)."""
     import hashlib
     import subprocess
-    from importlib.metadata import PackageNotFoundError, version as package_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
 
     from batch_training.datasets import resolve_path
     from models.artifact import utc_now_iso
@@ -840,11 +873,12 @@ def _source_files(path: str | None) -> dict:
     if not path or "://" in str(path) or not Path(path).exists():
         return {}
     root = Path(path)
-    files = [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))]
+    files = [root] if root.is_file() else \
+        [f for f in root.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))]
     if not files:
         return {}
     stats = [f.stat() for f in files]
-    newest = datetime.fromtimestamp(max(st.st_mtime for st in stats), timezone.utc)
+    newest = datetime.fromtimestamp(max(st.st_mtime for st in stats), UTC)
     return {"files": len(files), "bytes": sum(st.st_size for st in stats),
             "modified": newest.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
 

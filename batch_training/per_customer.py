@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -313,7 +314,8 @@ def write_sinks(spark, cfg: Config, outputs: ExecutorOutputs) -> None:
         ensure_topics(cfg)
         (outputs.scored.mapInPandas(kafka_rows(settings), "key binary, value binary")
          .write.format("kafka").options(**spark_kafka_sink_options(cfg, settings.outage_tolerance_ms)).save())
-        log.info("sinks: %s records to the topic %s", f"{outputs.written:,}", cfg.get_path("kafka.topics.recommendations"))
+        log.info("sinks: %s records to the topic %s", f"{outputs.written:,}",
+                 cfg.get_path("kafka.topics.recommendations"))
     if to_table:
         ensure_table(cfg)
         written, skipped = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)

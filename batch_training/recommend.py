@@ -15,7 +15,7 @@ place), so results can differ only in the order of items with identical float sc
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -25,8 +25,8 @@ RECOMMENDATIONS = "recommendations"
 
 
 def recommend_for_all(spark, user_factors_df, item_factors: np.ndarray, k: int, exclude_df=None,
-                      item_ids: Optional[np.ndarray] = None, user_col: str = "user", item_col: str = "item",
-                      block_size: Optional[int] = None):
+                      item_ids: np.ndarray | None = None, user_col: str = "user", item_col: str = "item",
+                      block_size: int | None = None):
     """DataFrame (``user_col`` int, recommendations array<struct<``item_col``: int, rating: float>>).
 
     ``user_factors_df`` has ALS's columns ``id`` and ``features``; ``item_factors`` holds one row
@@ -65,8 +65,8 @@ def recommend_for_all(spark, user_factors_df, item_factors: np.ndarray, k: int, 
 
 
 def top_k_on_driver(user_factors_df, item_factors: np.ndarray, k: int, exclude_df=None,
-                    item_ids: Optional[np.ndarray] = None, user_col: str = "user", item_col: str = "item",
-                    block_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    item_ids: np.ndarray | None = None, user_col: str = "user", item_col: str = "item",
+                    block_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same top-k computed on the driver: (user ids [n], item ids [n, k], scores [n, k]).
 
     Users are sorted by id; missing places (fewer than k candidates) hold item -1 and score NaN.

@@ -10,8 +10,9 @@ import itertools
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +153,7 @@ class PairArrays:
     counts: np.ndarray
 
     @classmethod
-    def collect(cls, pairs, n_users: int) -> "PairArrays":
+    def collect(cls, pairs, n_users: int) -> PairArrays:
         frame = pairs.select("user", "item", "count").toPandas().sort_values(["user", "item"])
         users = frame["user"].to_numpy(np.int64)
         indptr = np.zeros(n_users + 1, dtype=np.int64)
@@ -160,7 +161,7 @@ class PairArrays:
         return cls(np.cumsum(indptr), frame["item"].to_numpy(np.int32), frame["count"].to_numpy(np.float32))
 
     @classmethod
-    def empty(cls) -> "PairArrays":
+    def empty(cls) -> PairArrays:
         """No customer at all (the item side of a model whose users the executors hold)."""
         return cls(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
 

@@ -39,13 +39,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from infra.process import tree_rss_bytes  # noqa: E402  (the repository's own package)
+
 PARTS = ("ours", "final", "topk", "blas", "original", "quality", "datasets", "grid")
 JOB_STAGE = re.compile(r" batch_training: == (.+)$")
 BENCH_STAGE = re.compile(r"^BENCH-STAGE (.+)$")
@@ -88,7 +90,7 @@ class StageMemory:
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "StageMemory":
+    def __enter__(self) -> StageMemory:
         self._thread.start()
         return self
 
@@ -368,7 +370,7 @@ def _scoring_core(items, purchased, params, customers: int, k: int, fold_in, gra
         lo, hi = indptr[row], indptr[row + 1]
         one = (np.array([0, hi - lo]), indices[lo:hi], values[lo:hi])
 
-        def single() -> None:
+        def single(one=one) -> None:
             vector = fold_in(items, one[0], one[1], one[2], params.reg_param, params.alpha, True, gram)
             top_k(vector, items, k, exclude=(one[0], one[1]))
         singles.append(_timed(single)[0])
@@ -672,7 +674,7 @@ def report(results: dict[str, Any]) -> str:
                       [f"batch of {s['customers']:,}, median of 3", _f(s["batch_us_per_customer_median"], 0)],
                       ["of which fold-in (best of 3)", _f(s["fold_in_us_per_customer_best"], 0)],
                       [f"one customer at a time, p50 ({s['single_n']} calls)", _f(s["single_us_p50"], 0)],
-                      [f"one customer at a time, p95", _f(s["single_us_p95"], 0)]])]
+                      ["one customer at a time, p95", _f(s["single_us_p95"], 0)]])]
     if "blas_native" in parts and "blas_java" in parts:
         native, java = parts["blas_native"]["result"], parts["blas_java"]["result"]
         if native and java:
@@ -747,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, default=1000, help="customers in the scoring-core measurement")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the JSON and markdown")
     parser.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a --set passed to every python -m batch_training run (e.g. batch.scorers.candidates=[als])")
+                        help="a --set passed to every python -m batch_training run "
+                             "(e.g. batch.scorers.candidates=[als])")
     parser.add_argument("--dataset-names", default="online_retail,groceries",
                         help="the public datasets of the datasets part (config/datasets presets)")
     parser.add_argument("--tag", default="", help="suffix of the result file names")

@@ -42,8 +42,16 @@ import numpy as np  # noqa: E402
 
 from batch_training.data import aggregate, index_ids  # noqa: E402
 from batch_training.datasets import load_events, load_preset, source_placeholders  # noqa: E402
-from batch_training.evaluation import (Csr, evaluate, evaluation_users, first_k_unpurchased,  # noqa: E402
-                                       holdout_split, item_popularity, kfold_splits, relevant_sets)
+from batch_training.evaluation import (  # noqa: E402
+    Csr,
+    evaluate,
+    evaluation_users,
+    first_k_unpurchased,
+    holdout_split,
+    item_popularity,
+    kfold_splits,
+    relevant_sets,
+)
 from batch_training.train import AlsParams, PairArrays, fit_als  # noqa: E402
 from models.config import load_config  # noqa: E402
 
@@ -234,7 +242,8 @@ def quality(opts: argparse.Namespace) -> dict[str, Any]:
             popularity = score(popularity_recs(split.train, split.test["users"]), split.test, split.train,
                                split.n_items)
             entry["popularity_here"] = popularity
-            entry["same_split"] = all(abs(popularity[m] - entry["job"]["popularity"][m]) < 5e-5 for m in ("ndcg", "map"))
+            entry["same_split"] = all(abs(popularity[m] - entry["job"]["popularity"][m]) < 5e-5
+                                      for m in ("ndcg", "map"))
             print(f"    split rebuilt: popularity {popularity} (same as the job's: {entry['same_split']})", flush=True)
             started = time.perf_counter()
             entry["library_als"] = validated_library_als(split, oracle=opts.oracle)

@@ -256,7 +256,7 @@ class RoleSampler:
             self.samples.append(self.sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RoleSampler":
+    def __enter__(self) -> RoleSampler:
         self._thread.start()
         return self
 
@@ -676,7 +676,8 @@ def report(results: dict[str, Any]) -> str:
                  _f(s["peak_rss_mib"]["driver-python"]),
                  _f(s["peak_rss_mib"]["driver-jvm"]), executor_jvm(s["peak_rss_mib"]),
                  _f(s["peak_rss_mib"]["python-workers"])] for s in run["stages"]]
-        rows.append(["**whole run (wall)**", f"**{_f(run['wall_seconds'], 1)}**", "", f"**{_f(peaks['driver-python'])}**",
+        rows.append(["**whole run (wall)**", f"**{_f(run['wall_seconds'], 1)}**", "",
+                     f"**{_f(peaks['driver-python'])}**",
                      f"**{_f(peaks['driver-jvm'])}**", "= driver JVM" if local else f"**{_f(peaks['executor-jvm'])}**",
                      f"**{_f(peaks['python-workers'])}**"])
         data = run["data"]

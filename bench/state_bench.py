@@ -56,7 +56,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import state_variants  # noqa: E402  (bench/, beside this file)
+
 from streaming.state import INPUT_COLUMNS, OUTPUT_SCHEMA, PurchaseStateProcessor, advance  # noqa: E402
 
 VARIANTS = ("tws-row", "tws-row-blob", "aipws", "tws-pandas", "jvm", "floor")
@@ -452,7 +453,7 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
         fit = np.polyfit(xs, ys, 1) if len(set(xs)) > 1 else (float("nan"), float("nan"))
         summary[variant] = {"sizes": sizes, "fit_a_ms": float(fit[1]), "fit_b_ms_per_customer": float(fit[0])}
     if "floor" in summary:
-        for variant, s in summary.items():
+        for s in summary.values():
             s["fit_b_over_floor"] = s["fit_b_ms_per_customer"] - summary["floor"]["fit_b_ms_per_customer"]
     return summary
 
@@ -536,7 +537,7 @@ def main() -> int:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
 
     report = {"args": {**vars(args), "customers": sizes, "variants": variants},
-              "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "load_before": load(),
+              "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "load_before": load(),
               "machine": machine(), "problems": {}, "runs": {}}
     spark, report["session_settings"] = build_session(args.master, args.driver_memory)
     scratch = Path(tempfile.mkdtemp(prefix="state-bench-"))
@@ -580,7 +581,7 @@ def main() -> int:
     finally:
         spark.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    report["finished"] = datetime.now(timezone.utc).strftime("%H:%M")
+    report["finished"] = datetime.now(UTC).strftime("%H:%M")
     report["load_after"] = load()
     report["summary"] = summarize({v: r for v, r in runs.items() if r})
     table = markdown(report)

@@ -28,14 +28,22 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from itertools import accumulate
-from typing import Iterator
 
 import pandas as pd
 from pyspark.sql.streaming import StatefulProcessor
 
-from streaming.state import (OUTPUT_COLUMNS, OUTPUT_SCHEMA, STATE_SCHEMA, STATE_VARIABLE, advance, held_from_state,
-                             output_row, state_value)
+from streaming.state import (
+    OUTPUT_COLUMNS,
+    OUTPUT_SCHEMA,
+    STATE_SCHEMA,
+    STATE_VARIABLE,
+    advance,
+    held_from_state,
+    output_row,
+    state_value,
+)
 
 JSON_STATE_SCHEMA = "purchases string"      # json of the five STATE_SCHEMA arrays
 

@@ -11,8 +11,8 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -34,15 +34,15 @@ class ModelValidationError(ValueError):
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def new_version(now: Optional[datetime] = None) -> str:
+def new_version(now: datetime | None = None) -> str:
     """A new version name that sorts by creation time: ``20261127T031500Z-3f9a1c``.
 
     The random suffix keeps two versions made in the same second apart.
     """
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
@@ -67,7 +67,7 @@ class ModelArtifact:
     user_items_indices: np.ndarray = field(default_factory=lambda: _empty(np.int32))
     user_items_counts: np.ndarray = field(default_factory=lambda: _empty(np.float32))
     params: dict = field(default_factory=dict)     # rank, reg_param, alpha, implicit_prefs, scaling, ...
-    cutoff_time: Optional[str] = None               # ISO-8601 UTC of the newest training event
+    cutoff_time: str | None = None               # ISO-8601 UTC of the newest training event
     stats: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created_at: str = field(default_factory=utc_now_iso)
@@ -140,7 +140,7 @@ class ModelArtifact:
         return indptr, self.user_items_indices[take], self.user_items_counts[take]
 
     # -- checks ----------------------------------------------------------------------------
-    def validate(self) -> "ModelArtifact":
+    def validate(self) -> ModelArtifact:
         """Raise ModelValidationError naming the first inconsistency; returns self when sound."""
         _check(isinstance(self.version, str) and VERSION_PATTERN.match(self.version) is not None,
                f"version {self.version!r} must be 1-128 letters, digits, '.', '_' or '-' "
@@ -230,7 +230,7 @@ class ModelArtifact:
         _check(problem is None, problem or "")
 
 
-def future_cutoff_problem(cutoff_time: Optional[str], now: Optional[datetime] = None) -> Optional[str]:
+def future_cutoff_problem(cutoff_time: str | None, now: datetime | None = None) -> str | None:
     """Why ``cutoff_time`` cannot be served (more than CUTOFF_SKEW_ALLOWANCE_MS after ``now``,
     default the wall clock), or None; an absent or unreadable time is left to the other checks.
 
@@ -246,8 +246,8 @@ def future_cutoff_problem(cutoff_time: Optional[str], now: Optional[datetime] = 
         return None
     cutoff = datetime.fromisoformat(str(cutoff_time).replace("Z", "+00:00"))
     if cutoff.tzinfo is None:
-        cutoff = cutoff.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
+        cutoff = cutoff.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
     ahead_ms = (cutoff - now).total_seconds() * 1000
     if ahead_ms <= CUTOFF_SKEW_ALLOWANCE_MS:
         return None

@@ -24,9 +24,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,7 @@ class RulesConfig:
     strength: float
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "RulesConfig":
+    def from_config(cls, cfg: Config) -> RulesConfig:
         path = cfg.get_path("business_rules.attributes")
         function = str(cfg.get_path("business_rules.boost.function"))
         if function not in BOOST_FUNCTIONS:

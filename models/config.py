@@ -9,8 +9,9 @@ import copy
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -49,7 +50,7 @@ class Config(dict):
             value = value.replace("{run_dir}", str(resolve_path(str(self.get_path("run_dir")))))
         return value
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted keys set, e.g. ``{"kafka.bootstrap_servers": "b:9092"}``."""
         merged = Config(copy.deepcopy(dict(self)))
         for dotted, value in overrides.items():

@@ -18,7 +18,6 @@ the same lists. scipy.sparse does the products: it is what a hand-written loop w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -35,14 +34,14 @@ _BUILD_BUDGET = 20_000_000
 class KnnParams:
     """How the neighbour table is built (``batch.scorers.knn``); the model's params keep them."""
 
-    neighbours: Optional[int] = None      # None: every co-bought product (versions before the table)
+    neighbours: int | None = None      # None: every co-bought product (versions before the table)
     weighting: str = "cosine"
     k1: float = 1.2
     b: float = 0.75
     # Built from every ``stride``-th customer (by user index) of more than this many: the pairs a
     # customer adds grow with the square of their products, and a million customers' co-purchases
     # already rank the neighbours stably. None: everyone.
-    max_customers: Optional[int] = None
+    max_customers: int | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -63,7 +62,7 @@ class KnnParams:
         return params
 
     @classmethod
-    def from_params(cls, params: dict) -> "KnnParams":
+    def from_params(cls, params: dict) -> KnnParams:
         """The table's settings from a model's params; versions without them get every neighbour."""
         return cls(neighbours=params.get("knn_neighbours"), weighting=params.get("knn_weighting") or "cosine",
                    k1=float(params.get("bm25_k1", cls.k1)), b=float(params.get("bm25_b", cls.b)),
@@ -129,7 +128,7 @@ def item_neighbours(indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
     return from_triplets(rows, cols, values, n_items)
 
 
-def top_per_row(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, neighbours: Optional[int],
+def top_per_row(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, neighbours: int | None,
                 off_diagonal: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``neighbours`` largest positive values of each row (off the diagonal: an item is not its
     own neighbour), ties to the lower column; sorted by row, then rank.
@@ -151,7 +150,7 @@ def top_per_row(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, neighbou
     return rows[order], cols[order], values[order]
 
 
-def _row_order(values: np.ndarray, start: int, end: int, neighbours: Optional[int]) -> np.ndarray:
+def _row_order(values: np.ndarray, start: int, end: int, neighbours: int | None) -> np.ndarray:
     """Positions of one row's kept entries, best first (its columns ascend, so a stable sort on the
     value breaks ties by column)."""
     segment = values[start:end]
@@ -184,8 +183,8 @@ def knn_scores(table, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarra
 
 
 def knn_top_k(table, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray, k: int, weighting: str,
-              exclude: Optional[tuple[np.ndarray, np.ndarray]], fill,
-              banned: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+              exclude: tuple[np.ndarray, np.ndarray] | None, fill,
+              banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k per customer by summed similarity; a list the neighbours leave short is completed by
     ``fill(k, excluded_csr)`` (the best sellers not yet listed, score 0; it must leave out the
     ``banned`` items too). ``banned``: a bool mask of items never listed (models.business_rules).

@@ -8,15 +8,13 @@ event counts the same in both. Events after the reference count more than 1, as 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
-import pandas as pd   # module level: the pandas UDF's type hints are resolved from here
+import pandas as pd  # module level: the pandas UDF's type hints are resolved from here
 
 MS_PER_DAY = 86_400_000
 
 
-def decay_weights(event_ms, reference_ms: int, half_life_days: Optional[float]) -> np.ndarray:
+def decay_weights(event_ms, reference_ms: int, half_life_days: float | None) -> np.ndarray:
     """``0.5 ** ((reference - event) / half_life)`` per event (float64); 1 for an unknown time (NaN)
     or when ``half_life_days`` is None (no decay)."""
     event_ms = np.asarray(event_ms, dtype=np.float64)

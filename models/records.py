@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def iso_utc(ms: int | None) -> str | None:
     """Epoch milliseconds as ISO-8601 UTC with milliseconds and a Z."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def now_ms() -> int:
@@ -233,7 +233,8 @@ class RecordWriter:
                 error = error or (future.exception if future.is_done else TimeoutError("not acknowledged"))
         return failed, error
 
-    def _put_in_table(self, records: list[RecommendationRecord], summary: WriteSummary) -> tuple[list, Exception | None]:
+    def _put_in_table(self, records: list[RecommendationRecord],
+                      summary: WriteSummary) -> tuple[list, Exception | None]:
         """Conditional puts in parallel; returns the records that failed and the first error."""
         if not records:
             return [], None

@@ -31,14 +31,12 @@ the others are ``personalized``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from models import popularity_bias, scoring
 from models.business_rules import RULED, BusinessRules, ItemRules, aligned, banned_of, boost_of, boosted
-from models.scaling import als_ratings
 from models.neighbours import KnnParams, item_neighbours, knn_pair_scores, knn_top_k
+from models.scaling import als_ratings
 
 MODEL_TYPES = ("als", "blend", "popularity", "item_knn")
 PERSONALIZED = "personalized"
@@ -355,7 +353,7 @@ def _rows(indptr, indices, counts, rows):
 
 def _cache(artifact) -> dict:
     """Per-artifact precomputations (gramian, item similarity), computed once per loaded model."""
-    cache: Optional[dict] = getattr(artifact, "_scorer_cache", None)
+    cache: dict | None = getattr(artifact, "_scorer_cache", None)
     if cache is None:
         cache = {}
         artifact._scorer_cache = cache

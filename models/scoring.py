@@ -17,11 +17,9 @@ factors reproduces Spark's user factors (the last ALS half-step is exactly this 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 
-Csr = Tuple[np.ndarray, np.ndarray]   # (indptr, indices): one row per user
+Csr = tuple[np.ndarray, np.ndarray]   # (indptr, indices): one row per user
 
 # Entries (users x padded items) gathered at once by fold_in: bounds memory at ~32 MB per array
 # at rank 64 whatever the spread of basket sizes.
@@ -45,7 +43,7 @@ def fitted_items(item_factors: np.ndarray) -> np.ndarray:
 
 def fold_in(item_factors: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
             reg_param: float, alpha: float, implicit: bool = True,
-            gram: Optional[np.ndarray] = None, fitted: Optional[np.ndarray] = None) -> np.ndarray:
+            gram: np.ndarray | None = None, fitted: np.ndarray | None = None) -> np.ndarray:
     """Each user's factor vector (float32 [n_users, rank]) from their ratings, as Spark ALS does.
 
     ``indptr``/``indices``/``values`` are the users' ratings in CSR form (``values`` already
@@ -124,8 +122,8 @@ def _length_chunks(sorted_lengths: np.ndarray):
         begin = end
 
 
-def top_k(user_vectors: np.ndarray, item_factors: np.ndarray, k: int, exclude: Optional[Csr] = None,
-          block_size: Optional[int] = None, banned: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+def top_k(user_vectors: np.ndarray, item_factors: np.ndarray, k: int, exclude: Csr | None = None,
+          block_size: int | None = None, banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best items per user by dot product: (item_idx int32 [n, k], scores float32 [n, k]).
 
     Ranked by higher score, then lower item index, so equal scores always come out in the same
@@ -165,8 +163,8 @@ def top_k(user_vectors: np.ndarray, item_factors: np.ndarray, k: int, exclude: O
     return item_idx, scores
 
 
-def popularity_top_k(popularity: np.ndarray, k: int, exclude: Optional[Csr] = None,
-                     banned: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+def popularity_top_k(popularity: np.ndarray, k: int, exclude: Csr | None = None,
+                     banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most popular items: one row, or one row per user of ``exclude`` without them.
 
     Same conventions as ``top_k`` (ties by lower item index, -1/NaN padding, ``banned`` items
@@ -256,7 +254,7 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
-def _check_exclude(exclude: Csr, n_users: Optional[int], n_items: int) -> Csr:
+def _check_exclude(exclude: Csr, n_users: int | None, n_items: int) -> Csr:
     try:
         indptr, indices = exclude
     except (TypeError, ValueError):

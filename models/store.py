@@ -34,17 +34,28 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from models.artifact import VERSION_PATTERN, ModelArtifact, ModelValidationError, utc_now_iso
 from models.config import resolve_path
 from models.scorers import needs_vectors
-from models.store_format import (MAX_PART, USERS_DIR, PartError, build_metadata, decode, encode_files,
-                                 encode_part, metadata_problem, part_name, sha256, user_parts_problem,
-                                 verify_parts)
-from models.store_format import FORMAT_VERSION  # noqa: F401 - re-exported: the newest format read
+from models.store_format import (
+    FORMAT_VERSION,  # noqa: F401 - re-exported: the newest format read
+    MAX_PART,
+    USERS_DIR,
+    PartError,
+    build_metadata,
+    decode,
+    encode_files,
+    encode_part,
+    metadata_problem,
+    part_name,
+    sha256,
+    user_parts_problem,
+    verify_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +97,7 @@ class LocalBackend:
             Path(temp).unlink(missing_ok=True)
             raise
 
-    def get_bytes(self, key: str) -> Optional[bytes]:
+    def get_bytes(self, key: str) -> bytes | None:
         try:
             return (self.root / key).read_bytes()
         except FileNotFoundError:
@@ -100,7 +111,7 @@ class LocalBackend:
         folder = self.root / prefix
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
 
-    def tag(self, key: str) -> Optional[str]:
+    def tag(self, key: str) -> str | None:
         try:
             stat = (self.root / key).stat()
         except FileNotFoundError:
@@ -131,7 +142,7 @@ class S3Backend:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def get_bytes(self, key: str) -> Optional[bytes]:
+    def get_bytes(self, key: str) -> bytes | None:
         response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return None if response is None else response["Body"].read()
 
@@ -148,7 +159,7 @@ class S3Backend:
             names.update(o["Key"][len(base):] for o in page.get("Contents", []))
         return sorted(n for n in names if n)
 
-    def tag(self, key: str) -> Optional[str]:
+    def tag(self, key: str) -> str | None:
         response = self._call("read", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
         return None if response is None else response["ETag"]
 
@@ -207,7 +218,7 @@ class ModelStore:
             self.backend = LocalBackend(Path(path))
 
     @classmethod
-    def from_config(cls, cfg) -> "ModelStore":
+    def from_config(cls, cfg) -> ModelStore:
         """The store at ``model_store.uri`` (a folder, relative to the repository, or s3://)."""
         uri = cfg.text("model_store.uri")
         if uri.startswith("s3://"):
@@ -219,7 +230,7 @@ class ModelStore:
         return f"ModelStore({self.uri!r})"
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, artifact: ModelArtifact, user_parts: Optional[list[dict]] = None) -> str:
+    def write(self, artifact: ModelArtifact, user_parts: list[dict] | None = None) -> str:
         """Write a new version (metadata last); an existing complete version is never replaced.
 
         With ``user_parts`` (the entries ``write_user_part`` returned, in user order) the artifact
@@ -308,7 +319,7 @@ class ModelStore:
         return version
 
     # -- reading ---------------------------------------------------------------------------
-    def current_pointer(self) -> Optional[dict]:
+    def current_pointer(self) -> dict | None:
         """The CURRENT pointer ({"version", "published_at"}), or None before the first publish."""
         raw = self.backend.get_bytes(POINTER)
         if raw is None:
@@ -321,11 +332,11 @@ class ModelStore:
                                  "JSON with a 'version': publish a model again to rewrite it") from None
         return pointer
 
-    def current_version(self) -> Optional[str]:
+    def current_version(self) -> str | None:
         pointer = self.current_pointer()
         return None if pointer is None else str(pointer["version"])
 
-    def current_pointer_etag(self) -> Optional[str]:
+    def current_pointer_etag(self) -> str | None:
         """A cheap tag of the pointer (no download) that changes whenever a model is published."""
         return self.backend.tag(POINTER)
 
@@ -351,7 +362,7 @@ class ModelStore:
             entries.append({"version": version, "published_at": published_at})
         return sorted(entries, key=lambda e: (e["published_at"], e["version"]), reverse=True)
 
-    def previous_published(self, version: str) -> Optional[str]:
+    def previous_published(self, version: str) -> str | None:
         """The newest published version created before ``version`` (the rollback target), or None.
 
         By creation order, not publish time, so that rolling back twice goes two versions back
@@ -411,7 +422,7 @@ class ModelStore:
             raise ModelLoadError(f"model version {version}: {self.backend.describe(key)} lists no files")
         return metadata
 
-    def load(self, version: Optional[str] = None) -> ModelArtifact:
+    def load(self, version: str | None = None) -> ModelArtifact:
         """Load and verify ``version`` (None = the current one); ModelLoadError names the problem."""
         if version is None:
             version = self.current_version()

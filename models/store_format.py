@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -81,7 +81,7 @@ def encode_files(artifact: ModelArtifact, with_users: bool = True) -> dict[str, 
     return files
 
 
-def build_metadata(artifact: ModelArtifact, files: dict[str, bytes], parts: Optional[list[dict]] = None) -> dict:
+def build_metadata(artifact: ModelArtifact, files: dict[str, bytes], parts: list[dict] | None = None) -> dict:
     """metadata.json; with ``parts`` (write_user_part entries) the users are those parts' (format 2).
 
     Inline versions keep format 1: their layout is unchanged, so readers of format 1 still read them."""
@@ -121,7 +121,7 @@ def encode_part(frame) -> tuple[bytes, int]:
     return buffer.getvalue(), table.num_rows
 
 
-def part_entry_problem(entry) -> Optional[str]:
+def part_entry_problem(entry) -> str | None:
     """What is wrong with a part's entry ({"name", "size", "sha256", "rows"}), or None."""
     if not isinstance(entry, dict):
         return f"{entry!r} is not a dict returned by ModelStore.write_user_part"
@@ -137,7 +137,7 @@ def part_entry_problem(entry) -> Optional[str]:
     return None
 
 
-def user_parts_problem(entries) -> Optional[str]:
+def user_parts_problem(entries) -> str | None:
     """What is wrong with the list of part entries given to ``ModelStore.write``, or None."""
     if not isinstance(entries, list) or not entries:
         return f"user_parts {entries!r} is no list of part entries: a model needs its users " \
@@ -150,7 +150,7 @@ def user_parts_problem(entries) -> Optional[str]:
     return f"a part is listed twice in {names}" if len(set(names)) != len(names) else None
 
 
-def metadata_problem(metadata: dict) -> Optional[str]:
+def metadata_problem(metadata: dict) -> str | None:
     """What makes metadata.json unreadable by this code (format, parts listing), or None."""
     fmt = metadata.get("format_version", FORMAT_INLINE)
     if fmt not in (FORMAT_INLINE, FORMAT_PARTS):
@@ -287,7 +287,7 @@ def _inline_users(read: Callable[[str], bytes]) -> UserBlock:
                      pairs["count"].to_numpy(np.float32), _load_npy(read("user_factors.npy")))
 
 
-def _block(table, rank: Optional[int], n_items: Optional[int]) -> UserBlock:
+def _block(table, rank: int | None, n_items: int | None) -> UserBlock:
     """A part's table as arrays, or ValueError naming the customer; ``rank`` None: any one length."""
     import pandas as pd
     import pyarrow as pa
@@ -384,7 +384,7 @@ def _hashes(ids: np.ndarray) -> np.ndarray:
 
 
 def _repeated_id(names: list[str], hashes: list[np.ndarray],
-                 ids_of: Callable[[int], np.ndarray]) -> Optional[tuple[str, str, str]]:
+                 ids_of: Callable[[int], np.ndarray]) -> tuple[str, str, str] | None:
     """(customer, first part, second part) of an id in two parts, or None; ``ids_of(i)`` re-reads
     part i, needed only for the parts that share a hash (a real repeat or a rare collision)."""
     every = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)

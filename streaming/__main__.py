@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(files=args.config or None)
-        from streaming.settings import StreamingSettings
-
         from models.business_rules import RulesConfig, load_rules
+        from streaming.settings import StreamingSettings
 
         StreamingSettings.from_config(cfg)
         kafka_options(cfg)          # client options checked before any client is made

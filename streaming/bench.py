@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,7 @@ class Producer(threading.Thread):
         customers = np.where(new, [f"BENCH-NEW-{i}" for i in self.rng.integers(0, 10 ** 6, n)],
                              self.customers[self.rng.integers(0, len(self.customers), n)])
         products = self.products[self.rng.choice(len(self.products), n, p=self.weights)]
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         return [{"event_id": f"{prefix}-{self.sent + i}", "customer_id": str(c), "product_id": str(p),
                  "quantity": int(q), "event_time": now}
                 for i, (c, p, q) in enumerate(zip(customers, products, self.rng.integers(1, 4, n)))]
@@ -163,7 +163,8 @@ def run(cfg, rate: float, duration_s: float, warmup_s: float, new_share: float, 
     window_s = (window_end_ms - window_start_ms) / 1000
     latency = job.metrics.latency_percentiles((50, 95, 99), since_ms=window_start_ms)
     return {
-        "rate_target": rate, "rate_achieved": round(producer.sent / max(1e-9, producer.finished_at - producer.started_at), 1),
+        "rate_target": rate,
+        "rate_achieved": round(producer.sent / max(1e-9, producer.finished_at - producer.started_at), 1),
         "sent": producer.sent, "processed": processed, "drained_after_s": round(drained_s, 1),
         "window_s": round(window_s, 1),
         "throughput_events_per_s": round(sum(r.new_events for r in in_window) / window_s, 1) if window_s > 0 else None,

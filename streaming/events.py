@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 
@@ -76,7 +77,7 @@ class ValidationRules:
     max_future_skew_ms: int = 86_400_000
 
     @classmethod
-    def from_config(cls, cfg) -> "ValidationRules":
+    def from_config(cls, cfg) -> ValidationRules:
         from streaming.settings import duration_ms
 
         return cls(max_quantity=int(cfg.get_path("streaming.max_quantity")),
@@ -103,7 +104,7 @@ def parse_event_time_ms(text: str) -> int | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return int(math.floor(parsed.timestamp() * 1000))
 
 

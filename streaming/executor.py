@@ -28,8 +28,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,7 @@ class ExecutorSettings:
                                                         # (repr=False: credentials never reach a log line)
 
     @classmethod
-    def from_config(cls, cfg: Config, settings, write_table: bool = True) -> "ExecutorSettings":
+    def from_config(cls, cfg: Config, settings, write_table: bool = True) -> ExecutorSettings:
         """``settings``: the job's StreamingSettings. The store's URI is resolved here, on the
         driver, so relative folders do not depend on where an executor runs."""
         from models.clients import executor_connections

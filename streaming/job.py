@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -31,11 +31,19 @@ import pandas as pd
 from models.business_rules import BusinessRules, RulesConfig, RulesHolder
 from models.config import Config
 from models.records import describe_error, now_ms
-from streaming.events import REASON_KINDS, ValidationRules, validate_values
-from streaming.metrics import (DEAD_LETTER_QUERY, QUALITY_QUERY, REASON_PREFIX, SCORING_QUERY, VALIDATION_OBSERVATION,
-                               RefreshFigures, StreamMetrics, make_listener)
 from streaming import latency as latency_hist
+from streaming.events import REASON_KINDS, ValidationRules, validate_values
 from streaming.executor import SCORED_SCHEMA, ExecutorSettings, SummaryList, scorer
+from streaming.metrics import (
+    DEAD_LETTER_QUERY,
+    QUALITY_QUERY,
+    REASON_PREFIX,
+    SCORING_QUERY,
+    VALIDATION_OBSERVATION,
+    RefreshFigures,
+    StreamMetrics,
+    make_listener,
+)
 from streaming.observability import Exporter, serve
 from streaming.served import hand_to_executors
 from streaming.serving import ModelHolder
@@ -157,7 +165,8 @@ def purchase_state_stream(validated, settings: StreamingSettings):
              .withColumn("source_partition", F.concat_ws("-", "source_topic", F.col("source_partition").cast("string")))
              .select(*INPUT_COLUMNS))
     return valid.groupBy("customer_id").transformWithState(
-        statefulProcessor=PurchaseStateProcessor(settings.state_ttl_ms), outputStructType=OUTPUT_SCHEMA, outputMode="Update",
+        statefulProcessor=PurchaseStateProcessor(settings.state_ttl_ms), outputStructType=OUTPUT_SCHEMA,
+        outputMode="Update",
         timeMode="ProcessingTime")
 
 
@@ -306,7 +315,7 @@ class StreamingJob:
     def dead_letter_query(self):
         return next((q for q in self.queries if q.name == DEAD_LETTER_QUERY), None)
 
-    def start(self, available_now: bool = False) -> "StreamingJob":
+    def start(self, available_now: bool = False) -> StreamingJob:
         """Start both queries (``available_now``: process what is in the topic now, then stop)."""
         configure_session(self.spark, self.settings)
         self._started_at = time.time()

@@ -12,7 +12,7 @@ the Prometheus buckets the exporter publishes (streaming/observability.py).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

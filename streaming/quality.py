@@ -23,8 +23,8 @@ This module is the pure logic (``judge_customer``, unit-tested) and the Stateful
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 from streaming.state import processor_base
 
@@ -72,7 +72,7 @@ class Monitor:
     bought: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_value(cls, value) -> "Monitor":
+    def from_value(cls, value) -> Monitor:
         if value is None:
             return cls()
         products, version, strategy, computed, p_ids, p_products, p_parts, p_offsets, judged, bought = value
@@ -102,7 +102,7 @@ class Tally:
         row[1] += hits
         row[2] += baseline_hits
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         for (version, strategy), (judged, hits, baseline) in other.counts.items():
             self.add(version, strategy, judged, hits, baseline)
 

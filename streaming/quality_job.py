@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -29,8 +29,16 @@ import pandas as pd
 from models.config import Config
 from models.records import iso_utc, now_ms
 from streaming.events import ValidationRules, validate_values
-from streaming.quality import INPUT_COLUMNS, INPUT_SCHEMA, LIST, MAX_REMEMBERED, OUTPUT_SCHEMA, PURCHASE, \
-    QualityProcessor, Tally
+from streaming.quality import (
+    INPUT_COLUMNS,
+    INPUT_SCHEMA,
+    LIST,
+    MAX_REMEMBERED,
+    OUTPUT_SCHEMA,
+    PURCHASE,
+    QualityProcessor,
+    Tally,
+)
 from streaming.settings import StreamingSettings
 
 log = logging.getLogger(__name__)

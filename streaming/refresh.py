@@ -79,7 +79,8 @@ def score_customers(model: ServingModel, customers: pd.DataFrame, k: int, exclud
     artifact = model.artifact
     indptr, indices, counts = purchase_counts(model, customers)
     # One fold-in per customer serves both lists.
-    vectors = scorers.user_vectors(artifact, indptr, indices, counts) if scorers.needs_vectors(artifact.model_type) else None
+    needs = scorers.needs_vectors(artifact.model_type)
+    vectors = scorers.user_vectors(artifact, indptr, indices, counts) if needs else None
     item_idx, scores, strategies = scorers.recommend_from_counts(artifact, indptr, indices, counts, k,
                                                                  exclude_purchased, segments=segments,
                                                                  vectors=vectors, rules=rules)

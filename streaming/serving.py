@@ -1,16 +1,17 @@
 """The model the streaming job serves, and its hot swap at micro-batch boundaries.
 
 The driver holds one ``ServingModel``. Before each micro-batch runs it checks (at most every
-``model_poll_interval``) whether the store's current version changed; a new version is loaded, verified and checked for serving, and
-only then replaces the old one. A version that fails is refused with one clear error line and the
-old model keeps serving; it is tried again when its files change or the pointer moves on.
+``model_poll_interval``) whether the store's current version changed; a new version is loaded,
+verified and checked for serving, and only then replaces the old one. A version that fails is
+refused with one clear error line and the old model keeps serving; it is tried again when its files
+change or the pointer moves on.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class ServingModel:
         return weights
 
     @classmethod
-    def prepare(cls, artifact: ModelArtifact, default_count_mode: str = "rows") -> "ServingModel":
+    def prepare(cls, artifact: ModelArtifact, default_count_mode: str = "rows") -> ServingModel:
         """Check that ``artifact`` can be served, and warm its scorer (gramian, similarities) by
         scoring a few of its customers: a model that cannot score is refused before it serves."""
         params = artifact.params or {}

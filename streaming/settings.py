@@ -52,7 +52,7 @@ class StreamingSettings:
     quality_topic: str
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "StreamingSettings":
+    def from_config(cls, cfg: Config) -> StreamingSettings:
         checkpoint_text = cfg.text("streaming.checkpoint_dir")
         checkpoint = checkpoint_text if "://" in checkpoint_text else str(resolve_path(checkpoint_text))
         starting = str(cfg.get_path("streaming.starting_offsets"))

@@ -3,8 +3,9 @@ checkpoints, so tests never see each other's messages, items, models or state.""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 def isolated_config(cfg, folder: Path | None = None, overrides: Mapping[str, Any] | None = None):

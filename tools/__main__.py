@@ -1,4 +1,5 @@
-"""python -m tools {replay|tail|lookup|demo|refill-table|models|quality} ...: the same commands as python -m tools.<module>."""
+"""python -m tools {replay|tail|lookup|demo|refill-table|models|quality} ...: the same commands as
+python -m tools.<module>."""
 from __future__ import annotations
 
 import importlib

@@ -9,7 +9,6 @@ summary and the latency figures, and stops everything it started.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -18,10 +17,9 @@ import sys
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from models.config import REPO_ROOT, Config, load_config
@@ -90,7 +88,7 @@ def new_purchases(tx_file: Path, products: pd.DataFrame, regular: str, explorer:
     staples = tx.loc[tx.customer_id == regular, "product_id"].value_counts().index[:2].tolist()
     rows = ([(regular, p) for p in staples] + [(explorer, p) for p in in_category]
             + [(NEW_CUSTOMER, p) for p in in_category[:3]])
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     frame = pd.DataFrame({"transaction_id": [f"demo-{uuid.uuid4().hex[:12]}" for _ in rows],
                           "customer_id": [c for c, _ in rows], "product_id": [p for _, p in rows],
                           "quantity": "1", "event_time": now})
@@ -180,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         step("3/6 batch training: clean, aggregate, train ALS, evaluate against popularity, publish")
         train_log = logs / "batch_training.log"
         code = run_module(["batch_training", "--no-cv", "--write-table"], train_log, {})
-        show_log(train_log, r"batch_training: (raw rows|clean rows|.*customer-product pairs|purchase counts|holdout \()")
+        show_log(train_log,
+                 r"batch_training: (raw rows|clean rows|.*customer-product pairs|purchase counts|holdout \()")
         show_log(train_log, r"holdout metrics, purchased items excluded", context=3)
         show_log(train_log, r"(published model|NOT published|sinks:|example:)")
         if code not in (0, 3):
@@ -197,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         stream_log = logs / "streaming.log"
         with open(stream_log, "w") as log:
             streaming = subprocess.Popen([sys.executable, "-m", "streaming"], stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO_ROOT, env={**os.environ, "RECO__STREAMING__TRIGGER_INTERVAL": "1 second",
+                                         cwd=REPO_ROOT,
+                                         env={**os.environ, "RECO__STREAMING__TRIGGER_INTERVAL": "1 second",
                                                         "RECO__STREAMING__QUALITY__TRIGGER_INTERVAL":
                                                             f"{QUALITY_TRIGGER_S} seconds",
                                                         "RECO__STREAMING__QUALITY__SUMMARY_INTERVAL": "5 seconds"})
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         after = {c: top10(cfg, c) for c in (regular, explorer, newcomer)}
 
         step("6/6 results")
-        print_lists("BEFORE the new purchases  (* = category '%s')" % new_category, before, category_of, new_category)
+        print_lists(f"BEFORE the new purchases  (* = category '{new_category}')", before, category_of, new_category)
         print_lists("AFTER  the new purchases", after, category_of, new_category)
         gained = sum(category_of.get(p) == new_category for p in after[explorer][0]) - \
             sum(category_of.get(p) == new_category for p in before[explorer][0])

@@ -40,16 +40,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pandas as pd
 
 from models.config import Config, ConfigError
 from models.records import RecommendationRecord, RecordWriter, WriteSummary, now_ms
-from tools import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OK, EXIT_UNREACHABLE,
-                   ServiceUnreachable)
+from tools import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from models.config import ConfigError, load_config
 from models.store import ModelLoadError, ModelStore, ModelStoreError
@@ -59,7 +59,7 @@ def model_metrics(metadata: dict) -> dict[str, float]:
     return flat
 
 
-def key_metric(metadata: dict) -> tuple[Optional[str], Optional[float]]:
+def key_metric(metadata: dict) -> tuple[str | None, float | None]:
     """The metric the job selected and gated by (e.g. ``map@10``) and the model's value of it."""
     metrics = metadata.get("metrics") or {}
     flat = model_metrics(metadata)
@@ -201,7 +201,8 @@ def cmd_compare(store: ModelStore, args) -> int:
     diff = compare(store, args.a, args.b)
     print(f"A = {args.a} ({diff['model_type'][0]}), B = {args.b} ({diff['model_type'][1]})\n")
     print(table(["metric", "A", "B", "change"],
-                [[n, _fmt(va, True), _fmt(vb, True), "-" if c is None else f"{c:+.1%}"] for n, va, vb, c in diff["metrics"]])
+                [[n, _fmt(va, True), _fmt(vb, True), "-" if c is None else f"{c:+.1%}"]
+                 for n, va, vb, c in diff["metrics"]])
           if diff["metrics"] else "no metrics recorded")
     print()
     print(table(["param", "A", "B"], [[n, _fmt(va), _fmt(vb)] for n, va, vb in diff["params"]])
@@ -233,7 +234,7 @@ def gate_verdict(store: ModelStore, cfg, version: str, metadata: dict) -> tuple[
                        f"{metric!r} (the batch job records the model's and popularity's holdout metrics)")
 
 
-def _current_metrics(store: ModelStore) -> Optional[dict]:
+def _current_metrics(store: ModelStore) -> dict | None:
     """The current model's recorded metrics, which the gate compares with; None when there is none
     (or it cannot be read: then the gate compares with popularity only, as the batch job does)."""
     current = store.current_version()

@@ -19,17 +19,26 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from models.config import Config, ConfigError, load_config
-from tools import (EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, ServiceUnreachable, bootstrap_options, exit_for,
-                   kafka_unreachable, quiet_client_logs)
+from tools import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    ServiceUnreachable,
+    bootstrap_options,
+    exit_for,
+    kafka_unreachable,
+    quiet_client_logs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +154,7 @@ def iso_utc_text(value: Any) -> str | None:
     moment = _parse_time(value)
     if moment is None:
         return None
-    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     text = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if moment.microsecond:
         text += f".{moment.microsecond // 1000:03d}"
@@ -159,7 +168,7 @@ def _parse_time(value: Any) -> datetime | None:
         return pd.Timestamp(value).to_pydatetime()
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         seconds = float(value) / 1000 if abs(float(value)) > 1e11 else float(value)
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        return datetime.fromtimestamp(seconds, tz=UTC)
     # Text must be ISO-8601, as the streaming job requires: "03/04/2025" is ambiguous, not repaired.
     try:
         return datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
@@ -245,7 +254,7 @@ def malformed_value(event: dict, kind: str, rng: random.Random, max_id_length: i
 
 
 def _now_iso() -> str:
-    return iso_utc_text(datetime.now(timezone.utc)) or ""
+    return iso_utc_text(datetime.now(UTC)) or ""
 
 
 # ---------------------------------------------------------------------------------------------

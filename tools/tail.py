@@ -17,12 +17,20 @@ import binascii
 import json
 import sys
 import time
-from typing import Any, Collection, TextIO
+from collections.abc import Collection
+from typing import Any, TextIO
 
 from models.config import Config, ConfigError, load_config
 from models.records import iso_utc
-from tools import (EXIT_NOTHING, EXIT_OK, ServiceUnreachable, bootstrap_options, exit_for, kafka_unreachable,
-                   quiet_client_logs)
+from tools import (
+    EXIT_NOTHING,
+    EXIT_OK,
+    ServiceUnreachable,
+    bootstrap_options,
+    exit_for,
+    kafka_unreachable,
+    quiet_client_logs,
+)
 
 TOPIC_KEYS = {"recommendations": "kafka.topics.recommendations",
               "dead-letter": "kafka.topics.dead_letter",

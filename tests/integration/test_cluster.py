@@ -24,7 +24,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -101,7 +101,8 @@ def packed(cfg) -> Packed:
 def job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make the submitted job use this module's config."""
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table",
+            "model_store.uri",
             "streaming.checkpoint_dir", "streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
             "streaming.model_poll_interval", "streaming.state_partitions", "streaming.metrics.port",
             "spark.shuffle_partitions"]
@@ -160,7 +161,7 @@ def stop_gracefully(submitter: subprocess.Popen, log_path: Path) -> int | None:
 
 # -- the input -----------------------------------------------------------------------------------
 def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def produce(cfg, events: list[dict]) -> None:

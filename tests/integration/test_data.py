@@ -5,14 +5,24 @@ import gzip
 import json
 import math
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
 
-from batch_training.data import (MAX_ID_LENGTH, ColumnMapping, DataSourceError, SourceSpec,
-                                 aggregate, attach_ids, clean, index_ids, pair_stats, read_raw,
-                                 source_format)
+from batch_training.data import (
+    MAX_ID_LENGTH,
+    ColumnMapping,
+    DataSourceError,
+    SourceSpec,
+    aggregate,
+    attach_ids,
+    clean,
+    index_ids,
+    pair_stats,
+    read_raw,
+    source_format,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +101,7 @@ def test_rows_dated_beyond_the_future_skew_are_dropped_as_future_time(spark, tmp
     from batch_training.data import FUTURE_TIME
     from streaming.events import FUTURE_TIME as STREAM_FUTURE_TIME
 
-    soon = (datetime.now(timezone.utc) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soon = (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     path = _write_csv(tmp_path / "t.csv", ["f1,C5,P5,1,2099-01-01T00:00:00Z", f"f2,C5,P6,1,{soon}",
                                            "f3,C6,P5,1,2025-03-04T10:21:07Z", "f4,C6,P6,1,junk"])
     raw = read_raw(spark, SourceSpec(path=path, columns=MAPPING))
@@ -103,7 +113,7 @@ def test_rows_dated_beyond_the_future_skew_are_dropped_as_future_time(spark, tmp
     assert list(report.dropped_by_reason)[-2:] == ["unparseable_time", "future_time"]
     assert any(r.getMessage() == "cleaning: dropped future_time: 1 (25.0%)" for r in caplog.records)
 
-    reference_ms = int(datetime(2025, 3, 4, 10, 21, 7, tzinfo=timezone.utc).timestamp() * 1000)
+    reference_ms = int(datetime(2025, 3, 4, 10, 21, 7, tzinfo=UTC).timestamp() * 1000)
     _, at_reference = clean(raw, MAPPING, max_future_skew_ms=0, reference_ms=reference_ms)
     assert (at_reference.clean_rows, at_reference.dropped_by_reason["future_time"]) == (1, 2)
     _, unchecked = clean(raw, MAPPING)
@@ -144,7 +154,8 @@ def test_time_format_from_the_mapping_is_used(spark, tmp_path):
                                                  ("epoch_millis", ("1437436800000", "1437440400000"))])
 def test_epoch_times_parse_with_their_format_and_junk_is_counted(spark, tmp_path, time_format, stamps):
     path = tmp_path / "e.csv"
-    path.write_text("member,item,ts\n" + "".join(f"1808,{item},{stamp}\n" for item, stamp in zip(("milk", "soda"), stamps))
+    path.write_text("member,item,ts\n"
+                    + "".join(f"1808,{item},{stamp}\n" for item, stamp in zip(("milk", "soda"), stamps))
                     + "1808,tea,2015-07-21\n1808,rice,1e400\n")
     mapping = ColumnMapping(customer_id="member", product_id="item", event_time="ts", time_format=time_format)
     events, report = clean(read_raw(spark, SourceSpec(path=str(path), columns=mapping)), mapping)

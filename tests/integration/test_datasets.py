@@ -9,10 +9,8 @@ from dataclasses import replace
 import pytest
 from pyspark.sql import functions as F
 
-from batch_training.data import (ColumnMapping, DataSourceError, aggregate, clean, pair_stats,
-                                 read_table)
-from batch_training.datasets import (load_events, load_preset, load_source, preset_path,
-                                     resolve_path)
+from batch_training.data import ColumnMapping, DataSourceError, aggregate, clean, pair_stats, read_table
+from batch_training.datasets import load_events, load_preset, load_source, preset_path, resolve_path
 
 pytestmark = pytest.mark.integration
 

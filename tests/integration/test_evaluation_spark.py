@@ -8,9 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batch_training.evaluation import (evaluate_with_baseline, evaluation_users, format_metrics_table,
-                                       holdout_split, item_popularity, kfold_splits,
-                                       popularity_recommendations, relevant_sets)
+from batch_training.evaluation import (
+    evaluate_with_baseline,
+    evaluation_users,
+    format_metrics_table,
+    holdout_split,
+    item_popularity,
+    kfold_splits,
+    popularity_recommendations,
+    relevant_sets,
+)
 from batch_training.metrics import ranking_metrics
 
 pytestmark = pytest.mark.integration

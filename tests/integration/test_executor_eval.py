@@ -12,8 +12,13 @@ import pytest
 from batch_training import job
 from batch_training.candidates import Candidate, scoring_artifact
 from batch_training.evaluation import Csr, ItemPopularity, evaluate, holdout_split
-from batch_training.executor_eval import (buy_again_table_on_executors, candidate_table_on_executors,
-                                          item_neighbours_on_executors, metrics_from_sums, partition_sums)
+from batch_training.executor_eval import (
+    buy_again_table_on_executors,
+    candidate_table_on_executors,
+    item_neighbours_on_executors,
+    metrics_from_sums,
+    partition_sums,
+)
 from batch_training.train import AlsParams, fit_als
 from models.neighbours import KnnParams, item_neighbours
 

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +48,8 @@ from models.config import REPO_ROOT
 from models.records import read_table_item
 from models.store import ModelStore
 from tests.isolation import isolated_config
-from tests.waiting import wait_for
 from tests.topics import newest_records, read_topic
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,7 +121,7 @@ def prepare(own, model: ModelArtifact) -> None:
 
 # -- the input and its independent count -------------------------------------------------------
 def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class Flow:
@@ -202,7 +202,7 @@ class Flow:
         except BaseException as err:  # noqa: BLE001 - reported by stop()
             self.error = err
 
-    def start(self) -> "Flow":
+    def start(self) -> Flow:
         self._thread = threading.Thread(target=self._run, name=f"flow-{self.name}", daemon=True)
         self._thread.start()
         return self
@@ -325,7 +325,8 @@ def faults_table():
 def job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make ``python -m streaming`` use this scenario's config."""
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table",
+            "model_store.uri",
             "streaming.checkpoint_dir", "streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
             "streaming.model_poll_interval", "streaming.sink_outage_tolerance", "spark.shuffle_partitions"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
@@ -583,7 +584,8 @@ def test_driver_sigkilled_during_a_write_then_restarted(spark, cfg, kafka_broker
 # -- 4. a corrupt model, then a future-cutoff model, published mid-stream ----------------------
 def point_to(store: ModelStore, version: str) -> None:
     """Switch the pointer by hand, behind the store's checks."""
-    store.backend.put_bytes("CURRENT", json.dumps({"version": version, "published_at": iso(int(time.time() * 1000))}).encode())
+    current = {"version": version, "published_at": iso(int(time.time() * 1000))}
+    store.backend.put_bytes("CURRENT", json.dumps(current).encode())
 
 
 def publish_truncated(store: ModelStore) -> str:
@@ -625,10 +627,10 @@ def test_corrupt_and_future_cutoff_models_published_mid_stream(spark, cfg, kafka
         wait_for(lambda: job.metrics.totals["new_events"] >= 40, 240, "purchases scored with the first model")
         for kind, publish in (("truncated", publish_truncated), ("future cutoff", publish_future_cutoff)):
             version = publish(store)
-            wait_for(lambda: version in job.holder.refused, 120, f"the {kind} model refused")
+            wait_for(lambda version=version: version in job.holder.refused, 120, f"the {kind} model refused")
             refused[kind] = version
             scored = job.metrics.totals["new_events"]
-            wait_for(lambda: job.metrics.totals["new_events"] >= scored + 20, 120,
+            wait_for(lambda scored=scored: job.metrics.totals["new_events"] >= scored + 20, 120,
                      f"purchases scored after the {kind} model")
         flow.stop()
         flow.closing_round()

@@ -89,7 +89,8 @@ def test_an_existing_topic_that_is_not_compacted_is_left_alone_with_a_warning(cf
         admin.create_topics([NewTopic(topic, 1, 1)])          # as a broker's auto-creation would
         caplog.set_level(logging.WARNING, logger="models.clients")
         assert sorted(ensure_topics(own)) == sorted([topics["transactions"], topics["dead_letter"], topics["quality"]])
-        warnings = [r.getMessage() for r in caplog.records if r.name == "models.clients" and r.levelno == logging.WARNING]
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.name == "models.clients" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and topic in warnings[0] and "cleanup.policy=delete" in warnings[0]
         assert (f"kafka-configs.sh --bootstrap-server {own.get_path('kafka.bootstrap_servers')} --alter "
                 f"--entity-type topics --entity-name {topic} --add-config cleanup.policy=compact") in warnings[0]
@@ -134,7 +135,7 @@ def _check_sinks(cfg, expect_messages: int) -> tuple[list[dict], dict[str, dict]
 
     items = _scan(cfg)
     validator = item_validator()
-    for customer, item in items.items():
+    for item in items.values():
         assert errors(validator, item) == [], item                    # as boto3 reads it, Decimals
         assert errors(validator, plain(item)) == [], item             # as JSON
 

@@ -3,8 +3,6 @@ lists for every model type, the same user side of the model in the store, and th
 outputs (files, table, topic) end to end."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,9 +10,9 @@ import pytest
 from batch_training.candidates import Candidate
 from batch_training.data import aggregate, index_ids
 from batch_training.datasets import load_events
-from batch_training.generate import write
-from batch_training.job import (_artifact, _buy_again_all, _item_side, _ordered_ids, _recommend_all, run)
 from batch_training.evaluation import item_popularity
+from batch_training.generate import write
+from batch_training.job import _artifact, _buy_again_all, _item_side, _ordered_ids, _recommend_all, run
 from batch_training.per_customer import partitions_for, run_on_executors, seed_item_neighbours, use_executors
 from batch_training.train import AlsParams, PairArrays, fit_als
 from models.neighbours import KnnParams
@@ -204,7 +202,8 @@ def test_cross_validation_and_holdout_on_the_executors_give_the_driver_paths_tab
             spark=spark)
     driver, executors = (results[e].metrics for e in ("driver", "spark"))
     assert len(driver["cross_validation"]) == 6        # 2 ALS fits x (als, blend) + popularity + item-kNN
-    assert [row["model"] for row in executors["cross_validation"]] == [row["model"] for row in driver["cross_validation"]]
+    assert [row["model"] for row in executors["cross_validation"]] == \
+        [row["model"] for row in driver["cross_validation"]]
     for got, want in zip(executors["cross_validation"], driver["cross_validation"]):
         assert got["params"] == want["params"]
         assert got["mean_map"] == pytest.approx(want["mean_map"], rel=1e-6, abs=1e-12)

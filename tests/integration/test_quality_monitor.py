@@ -7,8 +7,17 @@ import uuid
 
 import pytest
 
-from tests.integration.test_streaming import (cutoff_plus, event, latest_records, model, own_config,  # noqa: F401
-                                              products_of, produce, purchases, run_available_now)
+from tests.integration.test_streaming import (  # noqa: F401
+    cutoff_plus,
+    event,
+    latest_records,
+    model,
+    own_config,
+    produce,
+    products_of,
+    purchases,
+    run_available_now,
+)
 from tests.topics import read_topic
 
 pytestmark = pytest.mark.integration
@@ -16,9 +25,9 @@ pytestmark = pytest.mark.integration
 K = 10
 
 
-def baseline(model, bought: set[str]) -> list[str]:
+def baseline(served, bought: set[str]) -> list[str]:
     """The served model's popularity top-k without the products bought in the stream."""
-    ranked = [str(model.item_ids[i]) for i in model.popularity_order()]
+    ranked = [str(served.item_ids[i]) for i in served.popularity_order()]
     return [p for p in ranked if p not in bought][:K]
 
 

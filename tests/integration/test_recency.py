@@ -1,7 +1,7 @@
 """Recency decay: the batch aggregation (Spark) and the stream's numpy weights give the same counts."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ def test_decay_halves_a_purchase_every_half_life():
 @pytest.mark.parametrize("count_mode", ["rows", "quantity"])
 def test_batch_and_stream_decay_give_the_same_counts(spark, count_mode):
     rng = np.random.default_rng(4)
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
     times = [start + timedelta(days=float(d)) for d in rng.uniform(0, 400, 60)]
     frame = pd.DataFrame({"customer_id": rng.choice(["a", "b", "c"], 60), "product_id": rng.choice(["x", "y"], 60),
                           "quantity": rng.integers(1, 4, 60).astype(float), "event_time": times})

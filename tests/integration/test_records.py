@@ -135,7 +135,8 @@ def test_items_written_by_schema_version_1_are_ordered_as_before(sink_cfg):
         dynamodb_client(sink_cfg).put_item(TableName=table, Item={
             "customer_id": {"S": "C1"}, "schema_version": {"N": "1"}, "strategy": {"S": "personalized"},
             "recommendations": {"L": [{"M": {"rank": {"N": "1"}, "product_id": {"S": "OLD"}, "score": {"N": "1"}}}]},
-            "model_version": {"S": "v0"}, "last_event_ms": {"N": str(event_ms)}, "computed_at_ms": {"N": str(computed_ms)},
+            "model_version": {"S": "v0"}, "last_event_ms": {"N": str(event_ms)},
+            "computed_at_ms": {"N": str(computed_ms)},
             "computed_at": {"S": "2025-01-01T00:00:00.000Z"}, "source": {"S": "stream"},
             "source_offsets": {"S": json.dumps({"transactions-0": 3})}})
 

@@ -103,7 +103,7 @@ def test_the_sasl_listener_serves_both_scram_mechanisms_beside_the_unchanged_pla
                                                   "kafka.client_options": scram_options(mechanism=m)})
                for m in ("SCRAM-SHA-256", "SCRAM-SHA-512")}
     clients["PLAINTEXT"] = cfg.with_overrides({"kafka.bootstrap_servers": sasl_broker.bootstrap})
-    for name, own in clients.items():
+    for own in clients.values():
         admin = KafkaAdminClient(**kafka_options(own), request_timeout_ms=10000)
         try:
             admin.list_topics()
@@ -242,7 +242,8 @@ def test_the_job_the_batch_sinks_and_the_tools_work_over_sasl_and_log_no_secret(
                       env=tool_config_file(own, tmp_path / "reco.yaml"))
     assert tailed.returncode == 0, tailed.stderr
     lines = tailed.stdout.splitlines()
-    assert len(lines) == expected and all(any(f" {c} " in line for line in lines) for c in ("K1", "K2", "NEW-1", "B1", "B2"))
+    assert len(lines) == expected
+    assert all(any(f" {c} " in line for line in lines) for c in ("K1", "K2", "NEW-1", "B1", "B2"))
 
     # (e) nothing logged anywhere holds the password, though the clients dumped their configuration.
     jvm_text = jvm_file.read_text(errors="replace")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,7 @@ def make_artifact(seed: int, n_items: int = 30, n_users: int = 12, rank: int = 3
     lengths = rng.integers(0, 5, n_users)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     return ModelArtifact(
-        version=new_version(datetime(2026, 11, 27, tzinfo=timezone.utc) + timedelta(hours=seed)),
+        version=new_version(datetime(2026, 11, 27, tzinfo=UTC) + timedelta(hours=seed)),
         model_type="als", item_ids=np.array([f"P{i}" for i in range(n_items)]),
         item_factors=rng.normal(size=(n_items, rank)).astype(np.float32),
         user_ids=np.array([f"C{i}" for i in rng.permutation(n_users)]),

@@ -191,7 +191,8 @@ def scenario(spark, cfg, _services, tmp_path_factory, model, purchases):
 
     produce(job_cfg, run1 + run2)   # the same events again: new offsets, same event ids
     third = run_available_now(spark, job_cfg)
-    return dict(cfg=job_cfg, known=known, newcomer=newcomer, explorers=explorers, products=products, popular_product=popular_product, bad=bad, run1=run1, run2=run2, in_model=in_model,
+    return dict(cfg=job_cfg, known=known, newcomer=newcomer, explorers=explorers, products=products,
+                popular_product=popular_product, bad=bad, run1=run1, run2=run2, in_model=in_model,
                 jobs=(first, second, third), after_run1=after_run1, after_run2=after_run2,
                 table_after_run2=table_after_run2)
 
@@ -439,7 +440,8 @@ def _job_env(cfg) -> dict[str, str]:
     import os
 
     keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table", "model_store.uri",
+            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table",
+            "model_store.uri",
             "model_store.s3_endpoint_url", "streaming.checkpoint_dir", "spark.shuffle_partitions",
             "streaming.metrics.port"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
@@ -553,7 +555,8 @@ def test_purchases_that_nothing_scores_are_warned_about_and_counted(spark, job_c
     job = run_available_now(spark, job_cfg)
     assert job.metrics.totals["unscored_events"] == len(events)
     assert job.metrics.totals["customers_refreshed"] == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "none scored" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "none scored" in r.getMessage()]
     assert warnings and all("CURRENT pointer" in w and "1 version(s) exist" in w for w in warnings)
     assert "no model published" not in " ".join(warnings)
 

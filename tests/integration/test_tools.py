@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
@@ -24,7 +24,7 @@ from tools.tail import tail
 
 pytestmark = pytest.mark.integration
 
-START = datetime(2025, 3, 4, 10, 0, tzinfo=timezone.utc)
+START = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)
 
 
 def _unique(prefix: str) -> str:
@@ -152,7 +152,7 @@ def test_replay_cli_filters_skips_limits_and_stamps_the_current_time(cfg, kafka_
     topic = _create_topic(cfg, _unique("tx-cli"))
     frame = _transactions(50, customers=5, with_ids=False)
     frame.to_csv(tmp_path / "tx.csv.gz", index=False)
-    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    before = datetime.now(UTC) - timedelta(seconds=1)
     result = _run("tools.replay", str(tmp_path / "tx.csv.gz"), "--topic", topic, "--skip", "10",
                   "--limit", "6", "--customers", "C000001,C000003", "--now", "--quiet", env=_env(cfg))
     assert result.returncode == 0, result.stderr
@@ -165,7 +165,7 @@ def test_replay_cli_filters_skips_limits_and_stamps_the_current_time(cfg, kafka_
                                                            for i in picked)
     assert sorted(e["product_id"] for e in events) == sorted(frame.loc[picked, "product_id"])
     assert all(before <= datetime.fromisoformat(e["event_time"].replace("Z", "+00:00"))
-               <= datetime.now(timezone.utc) for e in events)
+               <= datetime.now(UTC) for e in events)
 
 
 def test_replay_cli_generates_the_sample_data_and_skips_its_rows_without_ids(cfg, kafka_broker):

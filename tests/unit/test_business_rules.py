@@ -10,13 +10,29 @@ import pandas as pd
 import pytest
 
 from models.artifact import ModelArtifact, new_version
-from models.business_rules import (AttributesError, RulesConfig, RulesHolder, boost_multipliers, build_rules,
-                                   load_rules, read_attributes)
+from models.business_rules import (
+    AttributesError,
+    RulesConfig,
+    RulesHolder,
+    boost_multipliers,
+    build_rules,
+    load_rules,
+    read_attributes,
+)
 from models.config import ConfigError, load_config
 from models.neighbours import knn_scores
 from models.popularity_bias import multipliers
-from models.scorers import (PERSONALIZED, POPULARITY, SEGMENT_POPULARITY, blend_factors, buy_again,
-                            item_neighbours_of, rank_vectors, recommend_from_counts, user_vectors)
+from models.scorers import (
+    PERSONALIZED,
+    POPULARITY,
+    SEGMENT_POPULARITY,
+    blend_factors,
+    buy_again,
+    item_neighbours_of,
+    rank_vectors,
+    recommend_from_counts,
+    user_vectors,
+)
 from models.scoring import top_k
 
 K = 10

@@ -140,7 +140,7 @@ def test_every_copied_file_exists_in_its_build_context(services):
 def test_every_mounted_host_path_exists_and_named_volumes_are_declared(compose, services):
     declared = set(compose.get("volumes") or {})
     for name, service in services.items():
-        for target, source in _mounts(service).items():
+        for source in _mounts(service).values():
             if source.startswith((".", "/")):
                 assert (REPO_ROOT / source).exists(), f"{name}: host path {source} does not exist"
             else:
@@ -152,14 +152,14 @@ def test_every_image_is_pinned(services):
         image = str(service.get("image", ""))
         assert re.fullmatch(r"[\w./-]+(:[\w.-]+|@sha256:[0-9a-f]{64})", image), f"{name}: image {image!r} has no tag"
         assert not image.endswith(":latest"), f"{name}: {image} floats"
-    for name, path in _dockerfiles(services).items():
+    for path in _dockerfiles(services).values():
         instructions = _dockerfile(path)
         args = _arg_defaults(instructions)
         stages = {a.split()[-1] for kind, a in instructions if kind == "FROM" and " AS " in a.upper()}
         for kind, arguments in instructions:
             if kind != "FROM":
                 continue
-            base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), arguments.split()[0])
+            base = re.sub(r"\$\{(\w+)\}", lambda m, args=args: args.get(m.group(1), m.group(0)), arguments.split()[0])
             if base in stages:
                 continue
             assert re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest"), f"{path}: {base}"
@@ -183,7 +183,7 @@ def test_system_and_python_packages_in_the_images_are_pinned_and_stay_installabl
     """Debian packages come from the Debian snapshot archive at a fixed date (which keeps every
     version it ever served), never pinned to an exact revision of the live mirror, which drops it at
     the next security update; Python packages come hash-checked from the lock, or pinned."""
-    for name, path in _dockerfiles(services).items():
+    for path in _dockerfiles(services).values():
         instructions = _dockerfile(path)
         args = _arg_defaults(instructions)
         for kind, arguments in instructions:
@@ -263,14 +263,15 @@ def test_the_app_image_runs_spark_on_the_jre_of_a_pinned_image(services):
     path = _dockerfiles(services)["streaming"]
     instructions = _dockerfile(path)
     args = _arg_defaults(instructions)
-    stages = {a.split()[-1]: re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), a.split()[0])
+    stages = {a.split()[-1]: re.sub(r"\$\{(\w+)\}", lambda m, args=args: args.get(m.group(1), m.group(0)), a.split()[0])
               for kind, a in instructions if kind == "FROM" and " AS " in a.upper()}
     java_home = re.search(r"JAVA_HOME=(\S+)", " ".join(a for kind, a in instructions if kind == "ENV")).group(1)
     copies = [a.split() for kind, a in instructions if kind == "COPY" and a.startswith("--from=")]
     jre = next((c for c in copies if c[-1].rstrip("/") == java_home), None)
     assert jre, f"JAVA_HOME {java_home} is not copied from another image"
     image = stages[jre[0].split("=", 1)[1]]
-    assert re.fullmatch(r"eclipse-temurin:17\.[\d.]+_\d+-jre(-\w+)?", image), f"the JRE image {image} is not one release"
+    assert re.fullmatch(r"eclipse-temurin:17\.[\d.]+_\d+-jre(-\w+)?", image), \
+        f"the JRE image {image} is not one release"
 
 
 def test_python_module_commands_name_existing_modules(services):

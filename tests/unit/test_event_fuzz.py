@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from streaming.events import ValidationRules, validate_values
 
 RULES = ValidationRules(max_quantity=1000, max_id_length=64, max_future_skew_ms=86_400_000)
-NOW_MS = int(datetime(2024, 6, 1, tzinfo=timezone.utc).timestamp() * 1000)
+NOW_MS = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000)
 GOOD = {"event_id": "e1", "customer_id": "C1", "product_id": "P1", "quantity": 3,
         "event_time": "2024-03-01T12:34:56.789Z", "segment": "FR"}
 SCHEMAS_DOC = Path(__file__).resolve().parents[2] / "docs" / "schemas.md"
@@ -94,7 +94,7 @@ def mutated_event(draw) -> dict:
         elif action == "text":
             event[field] = draw(ANY_TEXT)
         else:
-            event[field] = draw(st.datetimes(timezones=st.just(timezone.utc))).isoformat()
+            event[field] = draw(st.datetimes(timezones=st.just(UTC))).isoformat()
     return event
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from streaming.events import ValidationRules, parse_event_time_ms, validate_valu
 from streaming.settings import StreamingSettings, duration_ms
 
 RULES = ValidationRules(max_quantity=1000, max_id_length=64, max_future_skew_ms=86_400_000)
-NOW_MS = int(datetime(2024, 6, 1, tzinfo=timezone.utc).timestamp() * 1000)
+NOW_MS = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000)
 GOOD = {"event_id": "e1", "customer_id": "C1", "product_id": "P1", "quantity": 3,
         "event_time": "2024-03-01T12:34:56.789Z"}
 

@@ -100,7 +100,8 @@ def test_executors_get_only_the_connections_they_need():
     cfg = Config({"model_store": {"uri": "s3://bucket/models", "s3_endpoint_url": None},
                   "dynamodb": {"endpoint_url": None, "region": "eu-west-1", "table": "recs", "local": {"port": 1}},
                   "aws": {"access_key_id": None, "secret_access_key": None},
-                  "kafka": {"topics": {"recommendations": "r"}, "client_options": {"sasl.jaas.config": "jaas-password-here"}},
+                  "kafka": {"topics": {"recommendations": "r"},
+                            "client_options": {"sasl.jaas.config": "jaas-password-here"}},
                   "data": {"count_mode": "rows"}, "run_dir": ".run"})
     from streaming.settings import StreamingSettings
 

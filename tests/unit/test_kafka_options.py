@@ -11,8 +11,14 @@ import subprocess
 
 import pytest
 
-from models.clients import (SUPPORTED_CLIENT_OPTIONS, Secret, client_options, kafka_options, parse_jaas_config,
-                            spark_kafka_options)
+from models.clients import (
+    SUPPORTED_CLIENT_OPTIONS,
+    Secret,
+    client_options,
+    kafka_options,
+    parse_jaas_config,
+    spark_kafka_options,
+)
 from models.config import ConfigError, load_config
 
 PASSWORD = "pw-Quux-8f3a"
@@ -65,7 +71,7 @@ def test_the_password_is_hidden_from_reprs_but_is_the_text_itself():
     assert password == PASSWORD and str(password) == PASSWORD and password.encode() == PASSWORD.encode()
     assert f"{password}" == PASSWORD and "\0".join(["a", password]) == "a\0" + PASSWORD
     # What a client's debug dump of its configuration, or an "Unrecognized configs" error, prints:
-    assert PASSWORD not in repr(options) and PASSWORD not in str(options) and PASSWORD not in "%s" % (options,)
+    assert PASSWORD not in repr(options) and PASSWORD not in str(options) and PASSWORD not in f"{options}"
 
 
 def test_the_spark_connector_gets_the_java_names_unchanged():

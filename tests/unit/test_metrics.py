@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from batch_training.evaluation import Csr, first_k_unpurchased, format_metrics_table
-from batch_training.metrics import (catalog_coverage, intra_list_diversity, novelty, ranking_metrics,
-                                    rmse)
+from batch_training.metrics import catalog_coverage, intra_list_diversity, novelty, ranking_metrics, rmse
 
 # Discounts of ranks 1, 2, 3: 1/log2(2) = 1, 1/log2(3) = 0.63093, 1/log2(4) = 0.5
 D1, D2, D3 = 1.0, 1.0 / math.log2(3), 0.5

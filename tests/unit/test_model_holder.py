@@ -12,6 +12,7 @@ from models.store import ModelStore
 from streaming.serving import ModelHolder
 from tests.small_models import small_als as model
 
+
 class Clock:
     def __init__(self):
         self.now = 0.0

@@ -15,8 +15,17 @@ import pytest
 from models import scorers
 from models.config import REPO_ROOT
 from models.records import SCHEMA_VERSION, RecommendationRecord, build_records
-from tests.contract import (ITEM_SCHEMA, RECORD_SCHEMA, errors, every_strategy_scoring, item_validator, load_schema,
-                            plain, record_validator, without_nulls)
+from tests.contract import (
+    ITEM_SCHEMA,
+    RECORD_SCHEMA,
+    errors,
+    every_strategy_scoring,
+    item_validator,
+    load_schema,
+    plain,
+    record_validator,
+    without_nulls,
+)
 from tests.small_models import PAST_CUTOFF
 
 DOCS = REPO_ROOT / "docs" / "schemas.md"

@@ -98,8 +98,8 @@ def test_parse_rows_keeps_valid_purchases_and_stream_lists_only():
 
     import pandas as pd
 
-    from streaming.events import ValidationRules
     from models.config import load_config
+    from streaming.events import ValidationRules
     from streaming.quality_job import parse_rows
 
     now = 1_767_607_200_000

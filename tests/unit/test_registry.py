@@ -130,7 +130,7 @@ def test_list_on_the_command_line(store):
     assert (rows[D]["key_metric"], rows[D]["key_metric_value"]) == ("map@10", 0.12)
     text = cli(store, "list")
     assert text.returncode == EXIT_OK
-    line = next(l for l in text.stdout.splitlines() if D in l)
+    line = next(row for row in text.stdout.splitlines() if D in row)
     assert line.startswith("*") and "map@10 0.1200" in line and "als" in line
 
 
@@ -152,9 +152,9 @@ def test_show(store, capsys):
 def test_compare(store, capsys):
     assert run(store, "compare", C, D) == EXIT_OK
     out = capsys.readouterr().out
-    map_line = next(l for l in out.splitlines() if l.startswith("map@10"))
+    map_line = next(row for row in out.splitlines() if row.startswith("map@10"))
     assert "0.1100" in map_line and "0.1200" in map_line and "+9.1%" in map_line
-    reg_line = next(l for l in out.splitlines() if l.startswith("reg_param"))
+    reg_line = next(row for row in out.splitlines() if row.startswith("reg_param"))
     assert reg_line.split() == ["reg_param", "0.1", "0.5"]
     assert "rank" not in out, "only the params that differ"
 

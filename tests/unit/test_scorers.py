@@ -8,8 +8,15 @@ import pytest
 
 from models.artifact import ModelArtifact, new_version
 from models.neighbours import KnnParams
-from models.scorers import (best_scores, buy_again, discover, item_neighbours_of, recommend_from_counts,
-                            segment_popularity, user_vectors)
+from models.scorers import (
+    best_scores,
+    buy_again,
+    discover,
+    item_neighbours_of,
+    recommend_from_counts,
+    segment_popularity,
+    user_vectors,
+)
 from models.scoring import fold_in, popularity_top_k, top_k
 
 

@@ -1,6 +1,8 @@
 """The shared scoring math against direct, slow reference computations."""
 from __future__ import annotations
 
+from datetime import UTC
+
 import numpy as np
 import pytest
 
@@ -216,8 +218,8 @@ def test_popularity_artifact_needs_no_factors():
 
 
 def test_versions_sort_by_creation_time():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    start = datetime(2026, 11, 27, 3, 15, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 27, 3, 15, tzinfo=UTC)
     versions = [new_version(start + timedelta(seconds=s)) for s in (0, 1, 59, 3600, 86400 * 40)]
     assert sorted(versions) == versions and versions[0].startswith("20261127T031500Z-")

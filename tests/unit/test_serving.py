@@ -1,13 +1,13 @@
 """ServingModel.prepare and the holder: a model whose cutoff lies in the future is never served."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from models.artifact import ModelArtifact
-from tests.small_models import small_als as model
 from streaming.serving import ModelHolder, ModelNotServable, ServingModel
+from tests.small_models import small_als as model
 
 FUTURE_CUTOFF = "2099-01-01T00:00:00.000Z"
 
@@ -17,12 +17,13 @@ def iso(moment: datetime) -> str:
 
 
 def test_a_future_cutoff_is_not_servable():
-    with pytest.raises(ModelNotServable, match=r"model v9 is refused: cutoff_time '2099-01-01T00:00:00.000Z'.*in the future"):
+    with pytest.raises(ModelNotServable,
+                       match=r"model v9 is refused: cutoff_time '2099-01-01T00:00:00.000Z'.*in the future"):
         ServingModel.prepare(model("v9", FUTURE_CUTOFF))
 
 
 def test_a_cutoff_within_the_clock_skew_allowance_is_served():
-    soon = iso(datetime.now(timezone.utc) + timedelta(minutes=5))
+    soon = iso(datetime.now(UTC) + timedelta(minutes=5))
     assert ServingModel.prepare(model(cutoff_time=soon)).artifact.cutoff_time == soon
 
 

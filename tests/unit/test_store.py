@@ -5,7 +5,7 @@ import dataclasses
 import json
 import logging
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ import pytest
 from models.artifact import ModelArtifact, new_version
 from models.store import ModelLoadError, ModelStore, ModelStoreError
 
-START = datetime(2026, 11, 27, 3, 15, tzinfo=timezone.utc)
+START = datetime(2026, 11, 27, 3, 15, tzinfo=UTC)
 
 
 def make_artifact(seed: int = 0, version: str | None = None, n_items: int = 40, n_users: int = 25,
@@ -256,7 +256,7 @@ def test_a_model_that_would_mislead_the_stream_is_neither_written_nor_published(
 
 def test_a_cutoff_within_the_clock_skew_allowance_is_accepted(store):
     artifact = make_artifact(51)
-    soon = datetime.now(timezone.utc) + timedelta(minutes=5)
+    soon = datetime.now(UTC) + timedelta(minutes=5)
     artifact.cutoff_time = soon.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     store.publish(artifact)
     assert store.load().cutoff_time == artifact.cutoff_time

@@ -19,8 +19,7 @@ from models.recency import decay_weights
 from models.store import ModelStore
 from streaming.refresh import purchase_counts, records_for, score_customers
 from streaming.serving import ModelHolder, ModelNotServable, ServingModel
-from streaming.state import (OUTPUT_SCHEMA, expire, held_from_state, iso_to_ms, merge_purchases, output_row,
-                             state_value)
+from streaming.state import OUTPUT_SCHEMA, expire, held_from_state, iso_to_ms, merge_purchases, output_row, state_value
 
 CUTOFF = "2025-01-01T00:00:00.000Z"
 CUTOFF_MS = iso_to_ms(CUTOFF)
