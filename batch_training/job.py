@@ -22,25 +22,27 @@ import numpy as np
 from batch_training.candidates import (
     PARAMETER_FREE,
     Candidate,
-    as_candidate,
     knn_from_config,
-    recommend_candidates,
-    scoring_artifact,
-    seed_neighbour_tables,
     select_model,
 )
 from batch_training.data import DataSourceError, aggregate, index_ids, pair_stats
 from batch_training.datasets import load_events, source_placeholders
 from batch_training.evaluation import (
-    evaluate,
-    evaluation_users,
-    format_metrics_table,
     holdout_split,
     item_popularity,
     kfold_splits,
-    relevant_sets,
 )
-from batch_training.executor_eval import buy_again_table_on_executors, candidate_table_on_executors
+from batch_training.holdout import (
+    Split,
+    add_plain_als,
+    cv_race,
+    evaluate_holdout,
+    evaluation_sample,
+    fold_scorer,
+    folded_final,
+    indexed_events,
+    log_cv,
+)
 from batch_training.job_settings import (
     LOWER_IS_BETTER,
     check_settings,
@@ -49,7 +51,6 @@ from batch_training.job_settings import (
     scorer_candidates,
     split_method,
 )
-from batch_training.metrics import rmse
 from batch_training.per_customer import (
     partitions_for,
     run_on_executors,
@@ -62,15 +63,12 @@ from batch_training.train import (
     AlsParams,
     Factors,
     PairArrays,
-    Race,
-    counts_as_ratings,
     cross_validate,
     fit_als,
     params_grid,
 )
 from models.business_rules import RulesConfig, load_rules
 from models.config import Config
-from models.neighbours import KnnParams, item_neighbours
 from models.scorers import needs_vectors
 
 log = logging.getLogger("batch_training")
@@ -176,7 +174,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
 
     stages.start("holdout split")
     method = split_method(cfg, data_cfg)
-    split_input = indexed if method == "random" else _indexed_events(events, maps)
+    split_input = indexed if method == "random" else indexed_events(events, maps)
     train, test = holdout_split(split_input, method=method,
                                 test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
                                 seed=int(cfg.get_path("batch.holdout.seed", 42)),
@@ -197,14 +195,14 @@ def run(cfg: Config, spark=None) -> BatchResult:
     grid = params_grid(base, grid_for_catalogue(cfg, n_items))
     if folds_k >= 2 and (len(grid) > 1 or len(scorers) > 1):
         stages.start(f"cross-validation ({folds_k} folds x {len(grid)} ALS candidates x {len(scorers)} scorers)")
-        fold_scorer = _fold_scorer(k, exclude, metric, n_users, n_items, scorers, partitions, most_evaluated)
+        score_fold = fold_scorer(k, exclude, metric, n_users, n_items, scorers, partitions, most_evaluated)
         results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), grid, n_users, n_items,
-                                 fold_scorer, metric, collect_users=metric == "rmse" or not on_executors,
-                                 race=_race(cfg, metric, scorers))
+                                 score_fold, metric, collect_users=metric == "rmse" or not on_executors,
+                                 race=cv_race(cfg, metric, scorers))
         chosen, selected, rows = select_model(results, scorers, metric,
                                               float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1)),
                                               lower_is_better=metric in LOWER_IS_BETTER)
-        cv_summary = _log_cv(rows, metric, k, folds_k)
+        cv_summary = log_cv(rows, metric, k, folds_k)
     else:
         log.info("no cross-validation (batch.cv_folds=%d): the configured model %s with %s", folds_k,
                  selected.name, base.label())
@@ -216,11 +214,11 @@ def run(cfg: Config, spark=None) -> BatchResult:
     stages.start("evaluation on the holdout")
     explicit = not base.implicit_prefs    # its RMSE needs the user factors on the driver
     holdout_factors = fit_als(train, chosen, n_users, n_items, collect_users=explicit or not on_executors)
-    holdout = _Split(train, _evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions)
-    metrics = _evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
+    holdout = Split(train, evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions)
+    metrics = evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
                                 knn_from_config(cfg)[0])
     if chosen != base and metric not in LOWER_IS_BETTER:
-        _add_plain_als(metrics, fit_als(train, base, n_users, n_items, collect_users=not on_executors), holdout, k)
+        add_plain_als(metrics, fit_als(train, base, n_users, n_items, collect_users=not on_executors), holdout, k)
     metrics["split"] = method
     metrics["cross_validation"] = cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
@@ -243,7 +241,7 @@ def run(cfg: Config, spark=None) -> BatchResult:
         stages.start("final model: every customer folded into the holdout fit")
         # On the executors each task folds its customers in (per_customer.py).
         final = replace(holdout_factors, user_factors_df=None) if on_executors else \
-            _folded_final(holdout_factors, all_pairs, popularity.buyers)
+            folded_final(holdout_factors, all_pairs, popularity.buyers)
     else:
         raise ValueError(f"batch.final_fit {final_mode!r}: use 'refit' (a second ALS fit on all data) or "
                          "'fold_in' (every customer's full history folded into the holdout fit's item factors)")
@@ -322,19 +320,6 @@ def run(cfg: Config, spark=None) -> BatchResult:
     return result
 
 
-def _evaluation_sample(test, n_users: int, most: int | None):
-    """The held-out pairs of about ``most`` customers, a fixed hash sample (the same customers in
-    every run), or all of them when there are no more (``batch.holdout.max_evaluated_customers``)."""
-    from pyspark.sql import functions as F
-
-    if most is None or n_users <= most:
-        return test
-    per_million = max(1, int(1_000_000 * most / n_users))
-    log.info("holdout metrics on a hash sample of about %s of the %s customers "
-             "(batch.holdout.max_evaluated_customers)", f"{most:,}", f"{n_users:,}")
-    return test.where(F.pmod(F.xxhash64("user"), F.lit(1_000_000)) < per_million)
-
-
 def _replace_published(source: Path, target: Path) -> None:
     """Copy a file or a folder of part files over the published one: a file in one rename; a folder
     in two (the old one moved aside first), so a reader sees the old or the new, or briefly none."""
@@ -369,196 +354,6 @@ def _spark_error_line(err: Exception) -> str:
     java = getattr(err, "java_exception", None)
     text = str(java) if java is not None else str(err)
     return (text.strip().splitlines() or [type(err).__name__])[0]
-
-
-def _indexed_events(events, maps):
-    return (events.join(maps.customers, "customer_id").join(maps.products, "product_id")
-            .select("user", "item", "quantity", "event_time"))
-
-
-def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int, scorers: list[Candidate],
-                 partitions: int | None = None, most_evaluated: int | None = None):
-    """Each scorer's metrics on a fold. Popularity and item-kNN do not depend on the ALS parameters,
-    so they are computed once per fold. With ``partitions``, on the executors as the holdout is,
-    over the same hash sample of customers (``batch.holdout.max_evaluated_customers``)."""
-    independent = [c for c in scorers if c.model_type in PARAMETER_FREE]
-    dependent = [c for c in scorers if c not in independent]
-    current: dict[str, Any] = {"fold": None}     # the fold being scored: its split and parameter-free rows
-
-    def score(fold_no: int, factors: Factors, train, test) -> dict[str, dict]:
-        if metric == "rmse":
-            return {"als": {"rmse": _rmse(factors, test)}}
-        first = current["fold"] != fold_no
-        if first:
-            current.update(fold=fold_no, independent={}, split=_Split(
-                train, _evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions))
-        table = _candidate_table(factors, current["split"], k, exclude, dependent + (independent if first else []))
-        if first:
-            current["independent"] = {c.name: table[c.name] for c in independent}
-        return {c.name: table[c.name] if c.name in table else current["independent"][c.name] for c in scorers}
-    return score
-
-
-def _race(cfg: Config, metric: str, scorers: list[Candidate]) -> Race | None:
-    """The CV race of ``batch.cv_race_tolerance`` (null: every candidate on every fold)."""
-    tolerance = cfg.get_path("batch.cv_race_tolerance")
-    if tolerance is None:
-        return None
-    free = {c.name for c in scorers if c.model_type in PARAMETER_FREE}
-    return Race(metric, float(tolerance), lambda name: name not in free, lower_is_better=metric in LOWER_IS_BETTER)
-
-
-def _log_cv(rows: list[dict], metric: str, k: int, folds: int) -> list[dict]:
-    """Log the cross-validation ranking (best first) and return it for the report."""
-    lines = [f"{'model':<22} {'ALS parameters':<44} {f'mean {metric}@{k}':>12} {'sd':>8} {'folds':>6}"]
-    lines += [f"{row['candidate'].name:<22} "
-              f"{'(no ALS)' if row['candidate'].model_type in PARAMETER_FREE else row['params'].label():<44} "
-              f"{row['mean']:>12.4f} {row['sd']:>8.4f} {row['folds']:>6}" for row in rows]
-    log.info("%d-fold cross-validation, best first (fewer folds: stopped by the race):\n%s", folds,
-             "\n".join(lines))
-    return [{"model": row["candidate"].name, f"mean_{metric}": row["mean"],
-             "params": None if row["candidate"].model_type in PARAMETER_FREE else row["params"].as_dict(),
-             f"sd_{metric}": row["sd"], "folds": row["folds"]} for row in rows]
-
-
-def _folded_final(holdout: Factors, all_pairs: PairArrays, buyers: np.ndarray) -> Factors:
-    """The final model without a second fit: the holdout fit's item factors, and every customer's
-    vector folded in from their full history (the half-step ALS itself ends on)."""
-    from models.scoring import fold_in
-
-    started = time.perf_counter()
-    params = holdout.params
-    users = fold_in(holdout.item_factors, all_pairs.indptr, all_pairs.indices,
-                    counts_as_ratings(all_pairs, params, buyers), params.reg_param, params.alpha,
-                    implicit=params.implicit_prefs)
-    seconds = time.perf_counter() - started
-    log.info("folded %s customers into the holdout fit's item factors in %.1f s", f"{users.shape[0]:,}", seconds)
-    return replace(holdout, user_factors=users, fit_seconds=seconds)
-
-
-def _rmse(factors: Factors, pairs) -> float:
-    frame = pairs.select("user", "item", "count").toPandas()
-    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    predicted = np.einsum("ij,ij->i", factors.user_factors[users], factors.item_factors[items])
-    return rmse(predicted, frame["count"].to_numpy(np.float64))
-
-
-class _Split:
-    """A train/test split as candidates are scored on it. On the driver path: the training counts,
-    their popularity and the relevant sets, each a Spark collect done once however many candidates
-    and fits are scored on the split. With ``partitions`` (the executor path, executor_eval.py):
-    only the popularity; the customers stay on the executors, which return sums."""
-
-    def __init__(self, train, test, n_users: int, n_items: int, partitions: int | None = None):
-        self.train, self.test, self.n_users, self.n_items, self.partitions = train, test, n_users, n_items, partitions
-        self.neighbour_tables: dict = {}     # item-kNN's by KnnParams, built once per split
-        self.purchased = PairArrays.empty() if partitions else PairArrays.collect(train, n_users)
-        self.popularity = item_popularity(train, n_items)
-        self._relevant: dict[bool, tuple] = {}
-
-    @property
-    def on_executors(self) -> bool:
-        return self.partitions is not None
-
-    def relevant(self, exclude: bool) -> tuple:
-        """``(users, relevant sets)`` of the test part; held-out purchases of new products only
-        when ``exclude``."""
-        if exclude not in self._relevant:
-            users = evaluation_users(self.test, exclude)
-            self._relevant[exclude] = (users, relevant_sets(self.test, users, exclude))
-        return self._relevant[exclude]
-
-    def artifact(self, factors: Factors, candidates: list[Candidate] = ()):
-        """A throw-away artifact over the split's training counts (none on the executor path) and the
-        fit, given the item-kNN tables of ``candidates`` (driver path; built once per split)."""
-        artifact = scoring_artifact(factors.item_factors, self.purchased.indptr, self.purchased.indices,
-                                    self.purchased.counts, self.popularity.buyers.astype(np.float64),
-                                    factors.params.as_dict())
-        seed_neighbour_tables(artifact, list(candidates), self.neighbour_tables, lambda params: item_neighbours(
-            self.purchased.indptr, self.purchased.indices, self.purchased.counts, self.n_items, params))
-        return artifact
-
-
-def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
-                     candidates: list[Candidate]) -> dict[str, dict]:
-    """Every candidate's metrics on one split, all scored from the same training counts and fit."""
-    if split.on_executors:
-        return candidate_table_on_executors(split.train, split.test, split.artifact(factors), candidates, k, exclude,
-                                            split.popularity, factors.item_factors, split.partitions, split.n_users,
-                                            split.neighbour_tables)
-    users, relevant = split.relevant(exclude)
-    lists = recommend_candidates(split.artifact(factors, candidates), candidates, users, k, exclude)
-    return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
-            for name, recs in lists.items()}
-
-
-def _evaluate_holdout(factors: Factors, split: _Split, k: int,
-                      exclude_main: bool, candidates: list[Candidate] | None = None,
-                      selected: Candidate | None = None, knn: KnnParams | None = None) -> dict[str, Any]:
-    """The selected model ("model") beside every candidate and the popularity and item-kNN baselines
-    (the latter with ``knn``, the first configured table, unless a candidate is one), on the same
-    split, with purchased items excluded and included."""
-    selected = selected or Candidate("als")
-    everyone = list(candidates or [selected])
-    for baseline in (Candidate("popularity"), Candidate("item_knn", knn=knn), Candidate("als")):
-        if not any(c.model_type == baseline.model_type for c in everyone):
-            everyone.append(baseline)
-    report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main, "selected": selected.name}
-    for exclude in (True, False):
-        rows = _candidate_table(factors, split, k, exclude, everyone)
-        table = {"model": rows[selected.name], **rows}
-        key = "exclude_purchased" if exclude else "include_purchased"
-        report[key] = table
-        log.info("holdout metrics, purchased items %s (%s customers); model = %s:\n%s",
-                 "excluded" if exclude else "included", f"{table['model'].get('users', 0):,}", selected.name,
-                 format_metrics_table(table))
-    report["buy_again"] = _evaluate_buy_again(factors, split, k, selected)
-    if not factors.params.implicit_prefs:
-        report["rmse"] = {"train": _rmse(factors, split.train), "test": _rmse(factors, split.test)}
-        log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
-    return report
-
-
-def _add_plain_als(metrics: dict, plain: Factors, split: _Split, k: int) -> None:
-    """ALS at the configured parameters (``batch.als``, no CV) beside the selected model, so the
-    report shows what cross-validation bought; row ``plain_als`` of both holdout tables."""
-    for exclude, key in ((True, "exclude_purchased"), (False, "include_purchased")):
-        metrics[key]["plain_als"] = _candidate_table(plain, split, k, exclude, [Candidate("als")])["als"]
-    table = {name: metrics["exclude_purchased"][name] for name in ("model", "plain_als", "popularity")}
-    log.info("selected model against ALS at the configured parameters (%s), purchased items excluded:\n%s",
-             plain.params.label(), format_metrics_table(table))
-
-
-def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candidate) -> dict[str, dict]:
-    """The buy-again list against the held-out repurchases (only the time split has any); the
-    discover list is the "exclude_purchased" table (held-out new products)."""
-    from pyspark.sql import functions as F
-
-    from models.scorers import buy_again, user_vectors
-
-    if split.on_executors:
-        table = buy_again_table_on_executors(split.train, split.test, split.artifact(factors), k, selected,
-                                             split.popularity, split.partitions, split.n_users, split.neighbour_tables)
-        if table:
-            log.info("buy-again lists on the held-out repurchases:\n%s", format_metrics_table(table))
-        return table
-    repurchases = split.test.where(F.col("repurchase"))
-    users = evaluation_users(repurchases, False)
-    if users.size == 0:
-        log.info("buy-again: no held-out repurchases on this split (the random split holds out new products only)")
-        return {}
-    relevant = relevant_sets(repurchases, users, False)
-    scored = list(dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]))
-    base = split.artifact(factors, scored)
-    indptr, indices, counts = base.user_items_of(users)
-    vectors = user_vectors(base, indptr, indices, counts)   # one fold-in for every candidate of this fit
-    table = {}
-    for candidate in scored:
-        lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k, vectors=vectors)
-        table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, split.n_items, split.popularity)
-    log.info("buy-again lists on the held-out repurchases (%s customers):\n%s", f"{users.size:,}",
-             format_metrics_table(table))
-    return table
 
 
 def _recommend_all(artifact, all_pairs: PairArrays, exclude_purchased: bool, k: int, factors: Factors,

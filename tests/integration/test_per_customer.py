@@ -114,10 +114,10 @@ def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepare
 
 
 def test_fold_in_on_the_executors_is_the_drivers_fold_in(spark, cfg, tmp_path, prepared):
-    from batch_training.job import _folded_final
+    from batch_training.holdout import folded_final
 
     p = prepared
-    folded = _folded_final(p["factors"], p["pairs"], p["buyers"])
+    folded = folded_final(p["factors"], p["pairs"], p["buyers"])
     driver, _ = _driver_lists(p, Candidate("als"), True, folded)
     executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, Candidate("als"), True, p["factors"], None)
     _assert_same_lists(driver, executors)
@@ -176,14 +176,14 @@ def test_auto_takes_the_executors_from_the_configured_size(cfg):
 
 
 def test_the_holdout_is_evaluated_on_a_fixed_sample_of_a_large_customer_base(spark):
-    from batch_training.job import _evaluation_sample
+    from batch_training.holdout import evaluation_sample
 
     test = spark.createDataFrame([(u, u % 7, 1.0) for u in range(20_000)], "user int, item int, count double")
-    assert _evaluation_sample(test, 20_000, 20_000) is test and _evaluation_sample(test, 20_000, None) is test
-    sampled = _evaluation_sample(test, 20_000, 2_000)
+    assert evaluation_sample(test, 20_000, 20_000) is test and evaluation_sample(test, 20_000, None) is test
+    sampled = evaluation_sample(test, 20_000, 2_000)
     users = {row.user for row in sampled.select("user").collect()}
     assert 1_700 <= len(users) <= 2_300       # about the asked number, by hash
-    assert users == {row.user for row in _evaluation_sample(test, 20_000, 2_000).select("user").collect()}
+    assert users == {row.user for row in evaluation_sample(test, 20_000, 2_000).select("user").collect()}
 
 
 def test_cross_validation_and_holdout_on_the_executors_give_the_driver_paths_tables(spark, cfg, tmp_path):
