@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from batch_training.generate import write
-from batch_training.job import PublishRefused, gate_decision, run
+from batch_training.job import PublishRefused, run
+from batch_training.publish import gate_decision
 from models.store import ModelStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
