@@ -3,11 +3,14 @@ parameters, the metric, holdout and grid choices, so a bad setting fails at once
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from batch_training.candidates import Candidate, candidates_from_config
 from batch_training.data import COUNT_MODES
 from batch_training.evaluation import SPLIT_METHODS
 from batch_training.train import AlsParams, params_grid
+from models.business_rules import RulesConfig, load_rules
 from models.config import Config, ConfigError
 from models.scaling import SCALINGS
 
@@ -15,6 +18,29 @@ log = logging.getLogger("batch_training")
 
 LOWER_IS_BETTER = {"rmse"}
 RANKING_METRICS = ("precision", "recall", "map", "ndcg")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What every stage of the job reads, checked before Spark starts."""
+    cfg: Config
+    data_cfg: dict              # the data section
+    base: AlsParams             # batch.als
+    rules: Any                  # models.business_rules' rules from the attributes file, or None
+    k: int                      # batch.k
+    exclude: bool               # batch.exclude_purchased
+    metric: str                 # batch.selection_metric
+
+
+def load_settings(cfg: Config) -> JobSettings:
+    """The job's settings; ConfigError (or the rules' error) before Spark starts when one is bad."""
+    base = check_settings(cfg)      # before Spark starts: a bad setting fails at once
+    rules = load_rules(RulesConfig.from_config(cfg))     # so does a bad attributes file
+    if rules is not None:
+        log.info("business rules: %s", rules.summary())
+    return JobSettings(cfg, cfg.get_path("data"), base, rules, k=int(cfg.get_path("batch.k", 10)),
+                       exclude=bool(cfg.get_path("batch.exclude_purchased", True)),
+                       metric=str(cfg.get_path("batch.selection_metric", "map" if base.implicit_prefs else "rmse")))
 
 
 def als_params_from_config(cfg: Config) -> AlsParams:
