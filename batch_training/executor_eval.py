@@ -1,6 +1,6 @@
 """The holdout evaluation on the executors, for customer bases the driver cannot hold.
 
-``job._candidate_table`` and ``job._evaluate_buy_again`` collect every evaluated customer's
+``holdout.candidate_table`` and ``holdout.evaluate_buy_again`` collect every evaluated customer's
 training counts and held-out items to the driver. Here the driver keeps the item side only (item
 factors, popularity, the item-kNN similarity), ships it once as a broadcast, and receives a few
 numbers per candidate and metric:
@@ -74,7 +74,7 @@ def candidate_table_on_executors(train, test, base: ModelArtifact, candidates: l
                                  exclude_purchased: bool, popularity: ItemPopularity,
                                  item_factors: np.ndarray | None = None, partitions: int | None = None,
                                  n_users: int | None = None, tables: dict | None = None) -> dict[str, dict[str, float]]:
-    """``job._candidate_table`` for the same split and fit: every candidate's metrics by name.
+    """``holdout.candidate_table`` for the same split and fit: every candidate's metrics by name.
 
     ``base`` is the item side of the fit (``candidates.scoring_artifact`` without users),
     ``popularity`` train's; ``item_factors`` (the job passes the fit's) adds diversity.
@@ -94,7 +94,7 @@ def candidate_table_on_executors(train, test, base: ModelArtifact, candidates: l
 def buy_again_table_on_executors(train, test, base: ModelArtifact, k: int, selected: Candidate,
                                  popularity: ItemPopularity, partitions: int | None = None,
                                  n_users: int | None = None, tables: dict | None = None) -> dict[str, dict]:
-    """``job._evaluate_buy_again``: the buy-again lists of the selected model, ALS and popularity
+    """``holdout.evaluate_buy_again``: the buy-again lists of the selected model, ALS and popularity
     against the held-out repurchases; {} when the split holds out none (the random split)."""
     from pyspark.sql import functions as F
 
@@ -245,7 +245,7 @@ def _score_candidates(artifact: ModelArtifact, candidates: list[Candidate], k: i
 
 
 def _score_buy_again(artifact: ModelArtifact, candidates: list[Candidate], k: int) -> dict[str, np.ndarray]:
-    """As ``job._evaluate_buy_again``: one fold-in shared by every candidate."""
+    """As ``holdout.evaluate_buy_again``: one fold-in shared by every candidate."""
     indptr, indices, counts = artifact.user_items
     vectors = user_vectors(artifact, indptr, indices, counts)
     return {f"buy_again({c.name})": buy_again(as_candidate(artifact, c), indptr, indices, counts, k,

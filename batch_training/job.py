@@ -4,77 +4,58 @@ Stages, each logged with counts: read and clean, aggregate purchase counts, inde
 per-customer holdout, select hyperparameters by k-fold cross-validation, evaluate the chosen
 model against the popularity baseline on the holdout, fit on all data, recommend for every
 customer, write the recommendations, and publish the model through the publish gate.
+
+``run`` is that list of stages, each a function here or in the module that does its work:
+purchases.py (the input), model_choice.py (cross-validation), holdout.py (the evaluation on the
+holdout), outputs.py (the lists, files and model artifact), publish.py (the gate and the publish);
+job_settings.py reads and checks the settings before Spark starts.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from batch_training.candidates import (
-    PARAMETER_FREE,
-    Candidate,
-    as_candidate,
-    candidates_from_config,
-    knn_from_config,
-    recommend_candidates,
-    scoring_artifact,
-    seed_neighbour_tables,
-    select_model,
+from batch_training.candidates import PARAMETER_FREE, knn_from_config
+from batch_training.evaluation import holdout_split, item_popularity
+from batch_training.holdout import (
+    Split,
+    add_plain_als,
+    evaluate_holdout,
+    evaluation_sample,
+    folded_final,
+    indexed_events,
 )
-from batch_training.data import COUNT_MODES, DataSourceError, aggregate, index_ids, pair_stats
-from batch_training.datasets import load_events, source_placeholders
-from batch_training.evaluation import (
-    SPLIT_METHODS,
-    evaluate,
-    evaluation_users,
-    format_metrics_table,
-    holdout_split,
-    item_popularity,
-    kfold_splits,
-    relevant_sets,
+from batch_training.job_settings import LOWER_IS_BETTER, JobSettings, load_settings, metric_for_gate, split_method
+from batch_training.model_choice import ModelChoice, choose_model
+from batch_training.outputs import (
+    build_artifact,
+    buy_again_all,
+    ensure_output_dir,
+    item_side_of,
+    jsonable,
+    log_example,
+    ordered_ids,
+    recommend_all,
+    segment_popularity_params,
+    write_driver_sinks,
+    write_recommendations,
 )
-from batch_training.executor_eval import buy_again_table_on_executors, candidate_table_on_executors
-from batch_training.metrics import rmse
-from batch_training.per_customer import (
-    partitions_for,
-    run_on_executors,
-    seed_item_neighbours,
-    use_executors,
-    write_sinks,
-)
+from batch_training.per_customer import run_on_executors, seed_item_neighbours, write_sinks
+from batch_training.publish import PublishRefused, build_lineage, publish, publish_files
+from batch_training.purchases import Purchases, count_purchases, read_and_clean
 from batch_training.report import write_report
-from batch_training.train import (
-    AlsParams,
-    Factors,
-    PairArrays,
-    Race,
-    counts_as_ratings,
-    cross_validate,
-    fit_als,
-    params_grid,
-)
-from models.business_rules import RulesConfig, load_rules
-from models.config import Config, ConfigError
-from models.neighbours import KnnParams, item_neighbours
-from models.scaling import SCALINGS
-from models.scorers import needs_vectors
+from batch_training.train import AlsParams, Factors, PairArrays, fit_als
+from models.config import Config
 
 log = logging.getLogger("batch_training")
 
-LOWER_IS_BETTER = {"rmse"}
-
-
-class PublishRefused(RuntimeError):
-    """The publish gate kept the current model; the message says why."""
+__all__ = ["BatchResult", "PublishRefused", "run"]     # PublishRefused: the CLI imports it from here
 
 
 @dataclass
@@ -111,922 +92,199 @@ class _Stages:
             self._name = None
 
 
-def als_params_from_config(cfg: Config) -> AlsParams:
-    values = dict(cfg.get_path("batch.als", {}) or {})
-    unknown = set(values) - set(AlsParams.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown batch.als setting(s) {sorted(unknown)}: "
-                          f"use {sorted(AlsParams.__dataclass_fields__)}")
-    params = AlsParams(**values)
-    _check_als(params, "batch.als")
-    return params
-
-
-RANKING_METRICS = ("precision", "recall", "map", "ndcg")
-
-
-def _check_als(params: AlsParams, where: str) -> None:
-    """Types and ranges Spark's ALS would otherwise refuse only when the first fit starts."""
-    def whole(value) -> bool:     # as Spark's own check: 8 and 8.0, not 8.5, "8" or true
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
-
-    problems = [f"{name}={getattr(params, name)!r} (a whole number >= 1)"
-                for name in ("rank", "max_iter", "blocks", "min_item_customers")
-                if not whole(getattr(params, name)) or getattr(params, name) < 1]
-    problems += [f"{name}={getattr(params, name)!r} (a number >= 0)" for name in ("reg_param", "alpha")
-                 if not isinstance(getattr(params, name), (int, float)) or isinstance(getattr(params, name), bool)
-                 or not getattr(params, name) >= 0]
-    if params.scaling not in SCALINGS:
-        problems.append(f"scaling={params.scaling!r} (one of {list(SCALINGS)})")
-    if not isinstance(params.scaling_k1, (int, float)) or isinstance(params.scaling_k1, bool) \
-            or not params.scaling_k1 >= 0:
-        problems.append(f"scaling_k1={params.scaling_k1!r} (a number >= 0)")
-    if not isinstance(params.scaling_b, (int, float)) or isinstance(params.scaling_b, bool) \
-            or not 0 <= params.scaling_b <= 1:
-        problems.append(f"scaling_b={params.scaling_b!r} (a number in [0, 1])")
-    if not isinstance(params.implicit_prefs, bool):
-        problems.append(f"implicit_prefs={params.implicit_prefs!r} (true or false)")
-    if not whole(params.seed):
-        problems.append(f"seed={params.seed!r} (a whole number)")
-    if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems))
-
-
-def check_settings(cfg: Config) -> AlsParams:
-    """The batch settings checked before Spark starts, so a bad one (a typo in a ``--set``) fails
-    at once with ConfigError (exit 2) instead of after the stages that precede its use."""
-    base = als_params_from_config(cfg)
-    try:
-        grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
-        grid += params_grid(base, grid_for_catalogue(cfg, 0))
-        candidates_from_config(cfg)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(str(err)) from None
-    for params in grid:
-        _check_als(params, "batch.grid")
-    metrics = (*RANKING_METRICS, *sorted(LOWER_IS_BETTER))
-    default_metric = "map" if base.implicit_prefs else "rmse"
-    choices = {"batch.final_fit": ("refit", "fold_in"), "batch.topk_engine": ("auto", "driver", "spark"),
-               "batch.holdout.method": ("auto", *SPLIT_METHODS), "data.count_mode": COUNT_MODES,
-               "batch.selection_metric": metrics, "batch.publish.metric": metrics}
-    defaults = {"batch.final_fit": "refit", "batch.topk_engine": "auto", "batch.holdout.method": "auto",
-                "data.count_mode": "rows", "batch.selection_metric": default_metric,
-                "batch.publish.metric": default_metric}
-    for key, allowed in choices.items():
-        value = cfg.get_path(key, defaults[key])
-        if value not in allowed:
-            raise ConfigError(f"{key} {value!r}: use one of {list(allowed)}")
-    for key in ("batch.selection_metric", "batch.publish.metric"):
-        if cfg.get_path(key, default_metric) in LOWER_IS_BETTER and base.implicit_prefs:
-            raise ConfigError(f"{key} rmse needs explicit ratings "
-                              "(batch.als.implicit_prefs: false, or --mode explicit)")
-    for key, least in (("batch.k", 1), ("batch.cv_folds", 0), ("batch.executor_min_customers", 0),
-                       ("batch.customers_per_partition", 1), ("batch.holdout.max_evaluated_customers", 1)):
-        value = cfg.get_path(key, least)
-        if value is None and key == "batch.holdout.max_evaluated_customers":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"{key} {value!r}: use a whole number >= {least}")
-    race = cfg.get_path("batch.cv_race_tolerance")
-    if race is not None and (isinstance(race, bool) or not isinstance(race, (int, float)) or not 0 <= race < 1):
-        raise ConfigError(f"batch.cv_race_tolerance {race!r}: use a fraction in [0, 1), e.g. 0.02, or null "
-                          "(every ALS candidate on every fold)")
-    from streaming.settings import duration_ms
-
-    for key in ("batch.sink_outage_tolerance", "streaming.max_future_skew"):
-        duration_ms(cfg.get_path(key), key)         # ConfigError names the key
-    if cfg.get_path("batch.write_topic"):
-        from models.clients import kafka_options
-
-        kafka_options(cfg)          # the client options, checked before the training, not after it
-    return base
-
-
-def _load_events(spark, cfg: Config, data_cfg: dict):
-    """``load_events`` with the stream's ``streaming.max_future_skew`` rule against this run's clock:
-    a future-dated row would become the cutoff, and the stream ignores purchases before it."""
-    from streaming.settings import duration_ms
-
-    skew_ms = duration_ms(cfg.get_path("streaming.max_future_skew"), "streaming.max_future_skew")
-    return load_events(spark, data_cfg, source_placeholders(cfg), max_future_skew_ms=skew_ms)
+@dataclass
+class _Lists:
+    """Every customer's lists as written to the run's version folder: on the driver path, the arrays
+    (the sinks and the report read them); on the executor path, what the tasks wrote (``outputs``)."""
+    artifact: Any
+    output_dir: Path
+    run_dir: Path
+    written: int
+    user_parts: list[dict] | None = None
+    outputs: Any = None
+    customer_ids: np.ndarray | None = None
+    product_ids: np.ndarray | None = None
+    item_idx: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    strategies: list[str] | None = None
+    again: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def run(cfg: Config, spark=None) -> BatchResult:
     """Run the whole job as configured; raises PublishRefused when the gate keeps the current model."""
-    from py4j.protocol import Py4JJavaError
-    from pyspark.errors import PySparkException
-
     from models.spark import build_spark
 
-    base = check_settings(cfg)      # before Spark starts: a bad setting fails at once
-    rules = load_rules(RulesConfig.from_config(cfg))     # so does a bad attributes file
-    if rules is not None:
-        log.info("business rules: %s", rules.summary())
+    settings = load_settings(cfg)       # before Spark starts: a bad setting fails at once
     spark = spark or build_spark(cfg, "reco-batch-training", need_kafka=bool(cfg.get_path("batch.write_topic", False)))
     stages = _Stages()
-    k = int(cfg.get_path("batch.k", 10))
-    exclude = bool(cfg.get_path("batch.exclude_purchased", True))
-    metric = str(cfg.get_path("batch.selection_metric", "map" if base.implicit_prefs else "rmse"))
-
     stages.start("read and clean")
-    data_cfg = cfg.get_path("data")
-    try:
-        events, report = _load_events(spark, cfg, data_cfg)
-    except (PySparkException, Py4JJavaError) as err:   # Spark cannot read the source as configured
-        raise DataSourceError(f"cannot read {data_cfg.get('path')}: {_spark_error_line(err)}") from err
-    events = events.cache()
-    if report.clean_rows == 0:
-        raise DataSourceError(f"no usable rows in {data_cfg.get('path')}: {_why_no_rows(report, data_cfg)}")
-
+    events, report = read_and_clean(spark, cfg, settings.data_cfg)
     stages.start("aggregate")
-    count_mode = source_count_mode = str(data_cfg.get("count_mode", "rows"))
-    cutoff = events.agg({"event_time": "max"}).first()[0]
-    half_life = cfg.get_path("batch.recency.half_life_days", None)
-    recency = {}
-    if half_life is not None and cutoff is not None:
-        from models.recency import weighted_events
-
-        reference_ms = int(cutoff.timestamp() * 1000)
-        events = weighted_events(events, reference_ms, float(half_life), count_mode).cache()
-        count_mode = "quantity"     # the decayed weights are summed
-        recency = {"recency_half_life_days": float(half_life), "recency_reference_ms": reference_ms}
-        log.info("purchase counts decay with a half-life of %g days before %s", float(half_life), cutoff)
-    pairs = aggregate(events, count_mode).cache()
-    stats = pair_stats(pairs)
-    stats.update(raw_rows=report.raw_rows, clean_rows=report.clean_rows, dropped=report.dropped_by_reason)
-    log.info("%s customer-product pairs, %s customers, %s products", f"{stats['pairs']:,}",
-             f"{stats['customers']:,}", f"{stats['products']:,}")
-    log.info("purchase counts per pair: mean %.2f, sd %.2f, max %s", stats["count_mean"], stats["count_sd"],
-             f"{stats['count_max']:,.0f}")
-    indexed, maps = index_ids(pairs)
-    indexed = indexed.cache()
-    n_users, n_items = maps.n_users, maps.n_items
-
+    data = count_purchases(cfg, settings.data_cfg, events, report)
     stages.start("holdout split")
-    method = _split_method(cfg, data_cfg)
-    split_input = indexed if method == "random" else _indexed_events(events, maps)
+    method, train, test = _split_holdout(settings, data)
+    # The stage "cross-validation" when there is a choice of ALS parameters or scorers.
+    choice = choose_model(settings, spark, train, data.maps.n_users, data.maps.n_items, stages.start)
+    stages.start("evaluation on the holdout")
+    holdout_factors, metrics = _evaluate_on_holdout(settings, data, choice, train, test, method)
+    final, all_pairs, popularity = _final_model(settings, stages, data, choice, holdout_factors)   # names its stage
+    stages.start(f"top-{settings.k} for every customer")
+    lists = _recommend_for_everyone(settings, spark, stages, data, choice, metrics, final, all_pairs, popularity)
+    stages.start("publish")
+    result = _publish(settings, spark, stages, data, choice, metrics, lists)     # and the stage "sinks"
+    _write_summary_and_report(settings, choice, lists, all_pairs, popularity, result)
+    for table in (data.events, data.pairs, data.indexed, train, test):
+        table.unpersist()
+    if not result.published and cfg.get_path("batch.publish.enabled", True):
+        raise PublishRefused(result.gate_reason)
+    return result
+
+
+def _split_holdout(settings: JobSettings, data: Purchases):
+    """``(method, train, test)``: each customer's pairs split, by time when the data has one."""
+    cfg = settings.cfg
+    method = split_method(cfg, settings.data_cfg)
+    split_input = data.indexed if method == "random" else indexed_events(data.events, data.maps)
     train, test = holdout_split(split_input, method=method,
                                 test_fraction=float(cfg.get_path("batch.holdout.test_fraction", 0.2)),
                                 seed=int(cfg.get_path("batch.holdout.seed", 42)),
-                                count_mode=count_mode)
+                                count_mode=data.count_mode)
     train, test = train.cache(), test.cache()
     log.info("holdout (%s): train %s pairs, test %s pairs", method, f"{train.count():,}", f"{test.count():,}")
+    return method, train, test
 
-    scorers = _scorer_candidates(cfg, metric, n_items)
-    on_executors = use_executors(cfg, n_users)
-    log.info("per-customer work on the %s (batch.topk_engine=%s, %s customers; batch.executor_min_customers=%s)",
-             "executors" if on_executors else "driver", cfg.get_path("batch.topk_engine"), f"{n_users:,}",
-             f"{int(cfg.get_path('batch.executor_min_customers')):,}")
-    partitions = partitions_for(n_users, int(cfg.get_path("batch.customers_per_partition")), spark) \
-        if on_executors else None
-    most_evaluated = cfg.get_path("batch.holdout.max_evaluated_customers")
-    chosen, selected, cv_summary = base, scorers[0], []
-    folds_k = int(cfg.get_path("batch.cv_folds"))
-    grid = params_grid(base, grid_for_catalogue(cfg, n_items))
-    if folds_k >= 2 and (len(grid) > 1 or len(scorers) > 1):
-        stages.start(f"cross-validation ({folds_k} folds x {len(grid)} ALS candidates x {len(scorers)} scorers)")
-        fold_scorer = _fold_scorer(k, exclude, metric, n_users, n_items, scorers, partitions, most_evaluated)
-        results = cross_validate(list(kfold_splits(train, folds_k, seed=base.seed)), grid, n_users, n_items,
-                                 fold_scorer, metric, collect_users=metric == "rmse" or not on_executors,
-                                 race=_race(cfg, metric, scorers))
-        chosen, selected, rows = select_model(results, scorers, metric,
-                                              float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1)),
-                                              lower_is_better=metric in LOWER_IS_BETTER)
-        cv_summary = _log_cv(rows, metric, k, folds_k)
-    else:
-        log.info("no cross-validation (batch.cv_folds=%d): the configured model %s with %s", folds_k,
-                 selected.name, base.label())
-    if needs_vectors(selected.model_type):
-        log.info("selected model: %s with ALS %s", selected.name, chosen.label())
-    else:   # popularity, item-kNN: the ALS parameters play no part in its lists
-        log.info("selected model: %s (no ALS factors in its scores)", selected.name)
 
-    stages.start("evaluation on the holdout")
+def _evaluate_on_holdout(settings: JobSettings, data: Purchases, choice: ModelChoice, train, test,
+                         method: str) -> tuple[Factors, dict[str, Any]]:
+    """The chosen model fitted on ``train``, and its metrics on ``test`` beside every candidate and
+    baseline: ``(the holdout fit, the metrics)``."""
+    n_users, n_items, on_executors = data.maps.n_users, data.maps.n_items, choice.on_executors
+    chosen, selected, base, k = choice.chosen, choice.selected, settings.base, settings.k
     explicit = not base.implicit_prefs    # its RMSE needs the user factors on the driver
     holdout_factors = fit_als(train, chosen, n_users, n_items, collect_users=explicit or not on_executors)
-    holdout = _Split(train, _evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions)
-    metrics = _evaluate_holdout(holdout_factors, holdout, k, exclude, scorers, selected,
-                                knn_from_config(cfg)[0])
-    if chosen != base and metric not in LOWER_IS_BETTER:
-        _add_plain_als(metrics, fit_als(train, base, n_users, n_items, collect_users=not on_executors), holdout, k)
+    holdout = Split(train, evaluation_sample(test, n_users, choice.most_evaluated), n_users, n_items, choice.partitions)
+    metrics = evaluate_holdout(holdout_factors, holdout, k, settings.exclude, choice.scorers, selected,
+                               knn_from_config(settings.cfg)[0])
+    if chosen != base and settings.metric not in LOWER_IS_BETTER:
+        add_plain_als(metrics, fit_als(train, base, n_users, n_items, collect_users=not on_executors), holdout, k)
     metrics["split"] = method
-    metrics["cross_validation"] = cv_summary
+    metrics["cross_validation"] = choice.cv_summary
     metrics["selection"] = {"selected": selected.name, "model_type": selected.model_type,
-                            "blend_weight": selected.blend_weight, "metric": metric,
-                            "params": chosen.as_dict(), "by": f"{folds_k}-fold cross-validation" if cv_summary
-                            else "configuration (no cross-validation)"}
+                            "blend_weight": selected.blend_weight, "metric": settings.metric,
+                            "params": chosen.as_dict(), "by": f"{choice.folds_k}-fold cross-validation"
+                            if choice.cv_summary else "configuration (no cross-validation)"}
+    return holdout_factors, metrics
 
-    final_mode = str(cfg.get_path("batch.final_fit", "refit"))
-    if final_mode == "refit" and selected.model_type in PARAMETER_FREE:
+
+def _final_model(settings: JobSettings, stages: _Stages, data: Purchases, choice: ModelChoice,
+                 holdout_factors: Factors):
+    """The stage "final fit on all data" (``batch.final_fit: refit``) or every customer folded into
+    the holdout fit (``fold_in``): ``(final factors, every customer's counts on the driver, popularity)``."""
+    n_users, n_items, on_executors = data.maps.n_users, data.maps.n_items, choice.on_executors
+    final_mode = str(settings.cfg.get_path("batch.final_fit", "refit"))
+    if final_mode == "refit" and choice.selected.model_type in PARAMETER_FREE:
         # Its lists do not use the factors; the artifact keeps the holdout fit's for ALS-only readers.
         log.info("final fit skipped: the selected %s does not score with the ALS factors; the model keeps "
-                 "the holdout fit's item factors, every customer folded in", selected.name)
+                 "the holdout fit's item factors, every customer folded in", choice.selected.name)
         final_mode = "fold_in"
-    all_pairs = None if on_executors else PairArrays.collect(indexed, n_users)
-    popularity = item_popularity(indexed, n_items)
+    all_pairs = None if on_executors else PairArrays.collect(data.indexed, n_users)
+    popularity = item_popularity(data.indexed, n_items)
     if final_mode == "refit":
         stages.start("final fit on all data")
-        final = fit_als(indexed, chosen, n_users, n_items, collect_users=not on_executors)
+        final = fit_als(data.indexed, choice.chosen, n_users, n_items, collect_users=not on_executors)
     elif final_mode == "fold_in":
         stages.start("final model: every customer folded into the holdout fit")
         # On the executors each task folds its customers in (per_customer.py).
         final = replace(holdout_factors, user_factors_df=None) if on_executors else \
-            _folded_final(holdout_factors, all_pairs, popularity.buyers)
+            folded_final(holdout_factors, all_pairs, popularity.buyers)
     else:
         raise ValueError(f"batch.final_fit {final_mode!r}: use 'refit' (a second ALS fit on all data) or "
                          "'fold_in' (every customer's full history folded into the holdout fit's item factors)")
+    return final, all_pairs, popularity
 
-    stages.start(f"top-{k} for every customer")
-    product_ids = _ordered_ids(maps.products, "product_id", "item", n_items)
-    segments = _segment_popularity(spark, cfg, maps, indexed)
-    params = {"count_mode": source_count_mode, **recency, **segments,
+
+def _recommend_for_everyone(settings: JobSettings, spark, stages: _Stages, data: Purchases, choice: ModelChoice,
+                            metrics: dict, final: Factors, all_pairs: PairArrays | None, popularity) -> _Lists:
+    """The model to publish and every customer's lists, written into the run's own version folder
+    (the top-level files are the published model's); the writing is a stage of its own."""
+    cfg, k, maps, rules, chosen = settings.cfg, settings.k, data.maps, settings.rules, choice.chosen
+    product_ids = ordered_ids(maps.products, "product_id", "item", maps.n_items)
+    segments = segment_popularity_params(spark, cfg, maps, data.indexed)
+    params = {"count_mode": data.source_count_mode, **data.recency, **segments,
               **({"business_rules": rules.summary()} if rules is not None else {})}
-    # Each run writes into its own version folder; the top-level files are the published model's.
-    output_dir = _output_dir(cfg)
-    if on_executors:
-        artifact = _artifact(chosen, _item_side(final), np.zeros(0, dtype=str), product_ids, popularity.buyers,
-                             PairArrays.empty(), cutoff, stats, metrics, selected, params)
-        artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
+    output_dir = ensure_output_dir(cfg)
+    if choice.on_executors:
+        artifact = build_artifact(chosen, item_side_of(final), np.zeros(0, dtype=str), product_ids, popularity.buyers,
+                                  PairArrays.empty(), data.cutoff, data.stats, metrics, choice.selected, params)
+        artifact.lineage = build_lineage(cfg, data.stats, chosen.as_dict())
         if artifact.model_type == "item_knn":       # its neighbour table, from every customer's counts on Spark
-            seed_item_neighbours(artifact, indexed, n_users)
+            seed_item_neighbours(artifact, data.indexed, maps.n_users)
         run_dir = output_dir / "versions" / artifact.version
         run_dir.mkdir(parents=True, exist_ok=True)
         stages.start("top-10 and the model's user side on the executors")
-        outputs = run_on_executors(spark, cfg, indexed, maps, artifact, final.user_factors_df, k, exclude, run_dir,
-                                   rules=rules)
-        written, user_parts = outputs.written, outputs.user_parts
+        outputs = run_on_executors(spark, cfg, data.indexed, maps, artifact, final.user_factors_df, k,
+                                   settings.exclude, run_dir, rules=rules)
+        lists = _Lists(artifact, output_dir, run_dir, outputs.written, outputs.user_parts, outputs=outputs)
     else:
-        customer_ids = _ordered_ids(maps.customers, "customer_id", "user", n_users)
-        artifact = _artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs, cutoff,
-                             stats, metrics, selected, params)
-        artifact.lineage = build_lineage(cfg, stats, chosen.as_dict())
-        item_idx, scores, strategies = _recommend_all(artifact, all_pairs, exclude, k, final, rules)
+        customer_ids = ordered_ids(maps.customers, "customer_id", "user", maps.n_users)
+        artifact = build_artifact(chosen, final, customer_ids, product_ids, popularity.buyers, all_pairs,
+                                  data.cutoff, data.stats, metrics, choice.selected, params)
+        artifact.lineage = build_lineage(cfg, data.stats, chosen.as_dict())
+        item_idx, scores, strategies = recommend_all(artifact, all_pairs, settings.exclude, k, final, rules)
         stages.start("write recommendations")
         run_dir = output_dir / "versions" / artifact.version
         run_dir.mkdir(parents=True, exist_ok=True)
-        again_idx, again_scores = _buy_again_all(artifact, all_pairs, k, rules)
-        written = _write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores, again_idx,
-                                         again_scores)
-        user_parts = None
-        _log_example(customer_ids, product_ids, item_idx, scores)
-    log.info("recommendations written for %s customers to %s", f"{written:,}", run_dir)
+        again_idx, again_scores = buy_again_all(artifact, all_pairs, k, rules)
+        written = write_recommendations(run_dir, customer_ids, product_ids, item_idx, scores, again_idx,
+                                        again_scores)
+        log_example(customer_ids, product_ids, item_idx, scores)
+        lists = _Lists(artifact, output_dir, run_dir, written, customer_ids=customer_ids, product_ids=product_ids,
+                       item_idx=item_idx, scores=scores, strategies=strategies, again=(again_idx, again_scores))
+    log.info("recommendations written for %s customers to %s", f"{lists.written:,}", lists.run_dir)
+    return lists
 
-    stages.start("publish")
-    result = BatchResult(version=artifact.version, published=False, params=chosen,
+
+def _publish(settings: JobSettings, spark, stages: _Stages, data: Purchases, choice: ModelChoice,
+             metrics: dict, lists: _Lists) -> BatchResult:
+    """The model through the publish gate; then the stage "sinks" (table, topic) when it was published."""
+    cfg, artifact = settings.cfg, lists.artifact
+    result = BatchResult(version=artifact.version, published=False, params=choice.chosen,
                          model_type=artifact.model_type, metrics=metrics,
-                         stats=stats, output_dir=output_dir, recommendations_written=written)
-    published, reason = _publish(cfg, artifact, metrics, metric_for_gate(cfg, base), exclude, user_parts)
+                         stats=data.stats, output_dir=lists.output_dir, recommendations_written=lists.written)
+    published, reason = publish(cfg, artifact, metrics, metric_for_gate(cfg, settings.base), settings.exclude,
+                                lists.user_parts)
     result.published, result.gate_reason = published, reason
     if published and (cfg.get_path("batch.write_table", False) or cfg.get_path("batch.write_topic", False)):
         stages.start("sinks")
-        if on_executors:
-            write_sinks(spark, cfg, outputs)
+        if choice.on_executors:
+            write_sinks(spark, cfg, lists.outputs)
         else:
-            _write_sinks(cfg, artifact, customer_ids, product_ids, item_idx, scores, strategies, indexed,
-                         (again_idx, again_scores))
+            write_driver_sinks(cfg, artifact, lists.customer_ids, lists.product_ids, lists.item_idx, lists.scores,
+                               lists.strategies, data.indexed, lists.again)
     stages.stop()
     result.stage_seconds = stages.seconds
-    (run_dir / "run_summary.json").write_text(json.dumps(
-        {"version": artifact.version, "published": published, "gate": reason, "model_type": artifact.model_type,
-         "params": artifact.params, "business_rules": rules.summary() if rules is not None else None,
-         "per_customer_work": "executors" if on_executors else "driver",
-         "stats": _jsonable(stats), "metrics": _jsonable(metrics), "stage_seconds": stages.seconds}, indent=2))
-    if on_executors:
-        log.info("training report: not written on the executor path (it reads every customer's counts on the driver)")
-        outputs.scored.unpersist()
-    else:
-        report = write_report(run_dir, all_pairs.indptr, all_pairs.indices, all_pairs.counts, item_idx,
-                              popularity.buyers)
-        if report is not None:
-            log.info("training report: %s", report)
-    if published:
-        for name in ("recommendations.csv", "recommendations.parquet", "run_summary.json", "report.html"):
-            if (run_dir / name).exists():        # the report is best-effort: never fails the run
-                _replace_published(run_dir / name, output_dir / name)
-    for table in (events, pairs, indexed, train, test):
-        table.unpersist()
-    if not published and cfg.get_path("batch.publish.enabled", True):
-        raise PublishRefused(reason)
     return result
 
 
-def _evaluation_sample(test, n_users: int, most: int | None):
-    """The held-out pairs of about ``most`` customers, a fixed hash sample (the same customers in
-    every run), or all of them when there are no more (``batch.holdout.max_evaluated_customers``)."""
-    from pyspark.sql import functions as F
-
-    if most is None or n_users <= most:
-        return test
-    per_million = max(1, int(1_000_000 * most / n_users))
-    log.info("holdout metrics on a hash sample of about %s of the %s customers "
-             "(batch.holdout.max_evaluated_customers)", f"{most:,}", f"{n_users:,}")
-    return test.where(F.pmod(F.xxhash64("user"), F.lit(1_000_000)) < per_million)
-
-
-def _replace_published(source: Path, target: Path) -> None:
-    """Copy a file or a folder of part files over the published one: a file in one rename; a folder
-    in two (the old one moved aside first), so a reader sees the old or the new, or briefly none."""
-    staging, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
-    for leftover in (staging, old):
-        _remove(leftover)
-    if source.is_dir():
-        shutil.copytree(source, staging)
+def _write_summary_and_report(settings: JobSettings, choice: ModelChoice, lists: _Lists, all_pairs: PairArrays | None,
+                              popularity, result: BatchResult) -> None:
+    """run_summary.json and the training report in the version folder, and over the top-level files
+    when the model was published."""
+    run_dir, artifact, rules = lists.run_dir, lists.artifact, settings.rules
+    (run_dir / "run_summary.json").write_text(json.dumps(
+        {"version": artifact.version, "published": result.published, "gate": result.gate_reason,
+         "model_type": artifact.model_type, "params": artifact.params,
+         "business_rules": rules.summary() if rules is not None else None,
+         "per_customer_work": "executors" if choice.on_executors else "driver",
+         "stats": jsonable(result.stats), "metrics": jsonable(result.metrics), "stage_seconds": result.stage_seconds},
+        indent=2))
+    if choice.on_executors:
+        log.info("training report: not written on the executor path (it reads every customer's counts on the driver)")
+        lists.outputs.scored.unpersist()
     else:
-        shutil.copyfile(source, staging)
-    if target.is_dir():
-        os.replace(target, old)
-    os.replace(staging, target)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-def _item_side(factors: Factors) -> Factors:
-    """The factors without any user row: the executor path never gathers them."""
-    return replace(factors, user_factors=np.zeros((0, factors.item_factors.shape[1]), dtype=np.float32),
-                   user_factors_df=None)
-
-
-def metric_for_gate(cfg: Config, base: AlsParams) -> str:
-    return str(cfg.get_path("batch.publish.metric", "map" if base.implicit_prefs else "rmse"))
-
-
-def _spark_error_line(err: Exception) -> str:
-    """The first line of what Spark reports (the Java exception's, not py4j's "An error occurred")."""
-    java = getattr(err, "java_exception", None)
-    text = str(java) if java is not None else str(err)
-    return (text.strip().splitlines() or [type(err).__name__])[0]
-
-
-def _split_method(cfg: Config, data_cfg: dict) -> str:
-    method = str(cfg.get_path("batch.holdout.method", "auto"))
-    if method == "auto":
-        return "time" if (data_cfg.get("columns") or {}).get("event_time") else "random"
-    return method
-
-
-def _indexed_events(events, maps):
-    return (events.join(maps.customers, "customer_id").join(maps.products, "product_id")
-            .select("user", "item", "quantity", "event_time"))
-
-
-def grid_for_catalogue(cfg: Config, n_items: int) -> dict:
-    """``batch.grid``, where the catalogue has at most ``batch.small_catalogue.max_products``
-    products with ``batch.small_catalogue.grid``'s values for the keys both name: a few hundred
-    products need few factors, and a rank-128 fit over them only overfits at full cost. A key
-    ``batch.grid`` does not race (``batch.grid: {}``) stays the configured ``batch.als`` value."""
-    grid = dict(cfg.get_path("batch.grid", {}) or {})
-    small = cfg.get_path("batch.small_catalogue", {}) or {}
-    if small.get("max_products") is None or n_items > int(small["max_products"]):
-        return grid
-    replaced = {key: values for key, values in (small.get("grid") or {}).items() if key in grid}
-    if replaced and n_items:
-        log.info("%s products <= batch.small_catalogue.max_products (%s): the CV grid takes %s", f"{n_items:,}",
-                 small["max_products"], replaced)
-    return {**grid, **replaced}
-
-
-def _scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate]:
-    """The scorers cross-validation chooses among (only ALS in explicit mode; without CV, the first)."""
-    if metric in LOWER_IS_BETTER:
-        return [Candidate("als")]
-    return candidates_from_config(cfg)
-
-
-def _fold_scorer(k: int, exclude: bool, metric: str, n_users: int, n_items: int, scorers: list[Candidate],
-                 partitions: int | None = None, most_evaluated: int | None = None):
-    """Each scorer's metrics on a fold. Popularity and item-kNN do not depend on the ALS parameters,
-    so they are computed once per fold. With ``partitions``, on the executors as the holdout is,
-    over the same hash sample of customers (``batch.holdout.max_evaluated_customers``)."""
-    independent = [c for c in scorers if c.model_type in PARAMETER_FREE]
-    dependent = [c for c in scorers if c not in independent]
-    current: dict[str, Any] = {"fold": None}     # the fold being scored: its split and parameter-free rows
-
-    def score(fold_no: int, factors: Factors, train, test) -> dict[str, dict]:
-        if metric == "rmse":
-            return {"als": {"rmse": _rmse(factors, test)}}
-        first = current["fold"] != fold_no
-        if first:
-            current.update(fold=fold_no, independent={}, split=_Split(
-                train, _evaluation_sample(test, n_users, most_evaluated), n_users, n_items, partitions))
-        table = _candidate_table(factors, current["split"], k, exclude, dependent + (independent if first else []))
-        if first:
-            current["independent"] = {c.name: table[c.name] for c in independent}
-        return {c.name: table[c.name] if c.name in table else current["independent"][c.name] for c in scorers}
-    return score
-
-
-def _race(cfg: Config, metric: str, scorers: list[Candidate]) -> Race | None:
-    """The CV race of ``batch.cv_race_tolerance`` (null: every candidate on every fold)."""
-    tolerance = cfg.get_path("batch.cv_race_tolerance")
-    if tolerance is None:
-        return None
-    free = {c.name for c in scorers if c.model_type in PARAMETER_FREE}
-    return Race(metric, float(tolerance), lambda name: name not in free, lower_is_better=metric in LOWER_IS_BETTER)
-
-
-def _log_cv(rows: list[dict], metric: str, k: int, folds: int) -> list[dict]:
-    """Log the cross-validation ranking (best first) and return it for the report."""
-    lines = [f"{'model':<22} {'ALS parameters':<44} {f'mean {metric}@{k}':>12} {'sd':>8} {'folds':>6}"]
-    lines += [f"{row['candidate'].name:<22} "
-              f"{'(no ALS)' if row['candidate'].model_type in PARAMETER_FREE else row['params'].label():<44} "
-              f"{row['mean']:>12.4f} {row['sd']:>8.4f} {row['folds']:>6}" for row in rows]
-    log.info("%d-fold cross-validation, best first (fewer folds: stopped by the race):\n%s", folds,
-             "\n".join(lines))
-    return [{"model": row["candidate"].name, f"mean_{metric}": row["mean"],
-             "params": None if row["candidate"].model_type in PARAMETER_FREE else row["params"].as_dict(),
-             f"sd_{metric}": row["sd"], "folds": row["folds"]} for row in rows]
-
-
-def _folded_final(holdout: Factors, all_pairs: PairArrays, buyers: np.ndarray) -> Factors:
-    """The final model without a second fit: the holdout fit's item factors, and every customer's
-    vector folded in from their full history (the half-step ALS itself ends on)."""
-    from models.scoring import fold_in
-
-    started = time.perf_counter()
-    params = holdout.params
-    users = fold_in(holdout.item_factors, all_pairs.indptr, all_pairs.indices,
-                    counts_as_ratings(all_pairs, params, buyers), params.reg_param, params.alpha,
-                    implicit=params.implicit_prefs)
-    seconds = time.perf_counter() - started
-    log.info("folded %s customers into the holdout fit's item factors in %.1f s", f"{users.shape[0]:,}", seconds)
-    return replace(holdout, user_factors=users, fit_seconds=seconds)
-
-
-def _rmse(factors: Factors, pairs) -> float:
-    frame = pairs.select("user", "item", "count").toPandas()
-    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    predicted = np.einsum("ij,ij->i", factors.user_factors[users], factors.item_factors[items])
-    return rmse(predicted, frame["count"].to_numpy(np.float64))
-
-
-class _Split:
-    """A train/test split as candidates are scored on it. On the driver path: the training counts,
-    their popularity and the relevant sets, each a Spark collect done once however many candidates
-    and fits are scored on the split. With ``partitions`` (the executor path, executor_eval.py):
-    only the popularity; the customers stay on the executors, which return sums."""
-
-    def __init__(self, train, test, n_users: int, n_items: int, partitions: int | None = None):
-        self.train, self.test, self.n_users, self.n_items, self.partitions = train, test, n_users, n_items, partitions
-        self.neighbour_tables: dict = {}     # item-kNN's by KnnParams, built once per split
-        self.purchased = PairArrays.empty() if partitions else PairArrays.collect(train, n_users)
-        self.popularity = item_popularity(train, n_items)
-        self._relevant: dict[bool, tuple] = {}
-
-    @property
-    def on_executors(self) -> bool:
-        return self.partitions is not None
-
-    def relevant(self, exclude: bool) -> tuple:
-        """``(users, relevant sets)`` of the test part; held-out purchases of new products only
-        when ``exclude``."""
-        if exclude not in self._relevant:
-            users = evaluation_users(self.test, exclude)
-            self._relevant[exclude] = (users, relevant_sets(self.test, users, exclude))
-        return self._relevant[exclude]
-
-    def artifact(self, factors: Factors, candidates: list[Candidate] = ()):
-        """A throw-away artifact over the split's training counts (none on the executor path) and the
-        fit, given the item-kNN tables of ``candidates`` (driver path; built once per split)."""
-        artifact = scoring_artifact(factors.item_factors, self.purchased.indptr, self.purchased.indices,
-                                    self.purchased.counts, self.popularity.buyers.astype(np.float64),
-                                    factors.params.as_dict())
-        seed_neighbour_tables(artifact, list(candidates), self.neighbour_tables, lambda params: item_neighbours(
-            self.purchased.indptr, self.purchased.indices, self.purchased.counts, self.n_items, params))
-        return artifact
-
-
-def _candidate_table(factors: Factors, split: _Split, k: int, exclude: bool,
-                     candidates: list[Candidate]) -> dict[str, dict]:
-    """Every candidate's metrics on one split, all scored from the same training counts and fit."""
-    if split.on_executors:
-        return candidate_table_on_executors(split.train, split.test, split.artifact(factors), candidates, k, exclude,
-                                            split.popularity, factors.item_factors, split.partitions, split.n_users,
-                                            split.neighbour_tables)
-    users, relevant = split.relevant(exclude)
-    lists = recommend_candidates(split.artifact(factors, candidates), candidates, users, k, exclude)
-    return {name: evaluate(recs, relevant, k, split.n_items, split.popularity, factors.item_factors)
-            for name, recs in lists.items()}
-
-
-def _evaluate_holdout(factors: Factors, split: _Split, k: int,
-                      exclude_main: bool, candidates: list[Candidate] | None = None,
-                      selected: Candidate | None = None, knn: KnnParams | None = None) -> dict[str, Any]:
-    """The selected model ("model") beside every candidate and the popularity and item-kNN baselines
-    (the latter with ``knn``, the first configured table, unless a candidate is one), on the same
-    split, with purchased items excluded and included."""
-    selected = selected or Candidate("als")
-    everyone = list(candidates or [selected])
-    for baseline in (Candidate("popularity"), Candidate("item_knn", knn=knn), Candidate("als")):
-        if not any(c.model_type == baseline.model_type for c in everyone):
-            everyone.append(baseline)
-    report: dict[str, Any] = {"k": k, "exclude_purchased_main": exclude_main, "selected": selected.name}
-    for exclude in (True, False):
-        rows = _candidate_table(factors, split, k, exclude, everyone)
-        table = {"model": rows[selected.name], **rows}
-        key = "exclude_purchased" if exclude else "include_purchased"
-        report[key] = table
-        log.info("holdout metrics, purchased items %s (%s customers); model = %s:\n%s",
-                 "excluded" if exclude else "included", f"{table['model'].get('users', 0):,}", selected.name,
-                 format_metrics_table(table))
-    report["buy_again"] = _evaluate_buy_again(factors, split, k, selected)
-    if not factors.params.implicit_prefs:
-        report["rmse"] = {"train": _rmse(factors, split.train), "test": _rmse(factors, split.test)}
-        log.info("RMSE: train %.2f, test %.2f", report["rmse"]["train"], report["rmse"]["test"])
-    return report
-
-
-def _add_plain_als(metrics: dict, plain: Factors, split: _Split, k: int) -> None:
-    """ALS at the configured parameters (``batch.als``, no CV) beside the selected model, so the
-    report shows what cross-validation bought; row ``plain_als`` of both holdout tables."""
-    for exclude, key in ((True, "exclude_purchased"), (False, "include_purchased")):
-        metrics[key]["plain_als"] = _candidate_table(plain, split, k, exclude, [Candidate("als")])["als"]
-    table = {name: metrics["exclude_purchased"][name] for name in ("model", "plain_als", "popularity")}
-    log.info("selected model against ALS at the configured parameters (%s), purchased items excluded:\n%s",
-             plain.params.label(), format_metrics_table(table))
-
-
-def _evaluate_buy_again(factors: Factors, split: _Split, k: int, selected: Candidate) -> dict[str, dict]:
-    """The buy-again list against the held-out repurchases (only the time split has any); the
-    discover list is the "exclude_purchased" table (held-out new products)."""
-    from pyspark.sql import functions as F
-
-    from models.scorers import buy_again, user_vectors
-
-    if split.on_executors:
-        table = buy_again_table_on_executors(split.train, split.test, split.artifact(factors), k, selected,
-                                             split.popularity, split.partitions, split.n_users, split.neighbour_tables)
-        if table:
-            log.info("buy-again lists on the held-out repurchases:\n%s", format_metrics_table(table))
-        return table
-    repurchases = split.test.where(F.col("repurchase"))
-    users = evaluation_users(repurchases, False)
-    if users.size == 0:
-        log.info("buy-again: no held-out repurchases on this split (the random split holds out new products only)")
-        return {}
-    relevant = relevant_sets(repurchases, users, False)
-    scored = list(dict.fromkeys([selected, Candidate("als"), Candidate("popularity")]))
-    base = split.artifact(factors, scored)
-    indptr, indices, counts = base.user_items_of(users)
-    vectors = user_vectors(base, indptr, indices, counts)   # one fold-in for every candidate of this fit
-    table = {}
-    for candidate in scored:
-        lists, _ = buy_again(as_candidate(base, candidate), indptr, indices, counts, k, vectors=vectors)
-        table[f"buy_again({candidate.name})"] = evaluate(lists, relevant, k, split.n_items, split.popularity)
-    log.info("buy-again lists on the held-out repurchases (%s customers):\n%s", f"{users.size:,}",
-             format_metrics_table(table))
-    return table
-
-
-def _recommend_all(artifact, all_pairs: PairArrays, exclude_purchased: bool, k: int, factors: Factors,
-                   rules=None):
-    """Top-k for every customer on the driver: ``(item_idx, scores, strategies)``.
-
-    ALS lists come from the final fit's factors (blocked products, not recommendForAllUsers),
-    ranked as models.scorers ranks an ALS model (popularity penalty, business rules); the other
-    model types are scored by models.scorers from the counts, as the stream scores them. The
-    executor path (per_customer.py) gives the same lists. ``rules``: models.business_rules.
-    """
-    from models.scorers import rank_vectors, recommend_from_counts
-
-    if artifact.model_type != "als":
-        return recommend_from_counts(artifact, all_pairs.indptr, all_pairs.indices, all_pairs.counts, k,
-                                     exclude_purchased, rules=rules)
-    users = np.arange(factors.user_factors.shape[0])
-    item_idx, scores = rank_vectors(artifact, factors.user_factors, k,
-                                    exclude=all_pairs.rows(users) if exclude_purchased else None, rules=rules)
-    return item_idx, scores, ["personalized"] * len(item_idx)
-
-
-def _ordered_ids(frame, id_column: str, index_column: str, size: int) -> np.ndarray:
-    mapping = frame.toPandas()
-    ids = np.empty(size, dtype=object)
-    ids[mapping[index_column].to_numpy()] = mapping[id_column].astype(str).to_numpy()
-    return ids.astype(str)
-
-
-def _output_dir(cfg: Config) -> Path:
-    path = cfg.path("batch.output_dir")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _segment_popularity(spark, cfg: Config, maps, indexed, top_n: int = 100) -> dict:
-    """``params`` entries with each segment's best sellers (``data.columns.segment``, e.g. a country),
-    for customers who have no known purchase yet; {} without a segment column. A customer's segment
-    is the one most of their rows carry (ties by name). Aggregated by Spark, so only the table
-    (segments x ``top_n``) reaches the driver; the same table as models.scorers.segment_popularity."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    from batch_training.data import ColumnMapping, _id_text
-    from batch_training.datasets import load_source
-
-    data_cfg = cfg.get_path("data")
-    mapping = ColumnMapping.from_config(data_cfg.get("columns") or {})
-    if not mapping.segment:
-        return {}
-    raw = load_source(spark, data_cfg, source_placeholders(cfg))
-    rows = (raw.select(_id_text(mapping.customer_id, dict(raw.dtypes)[mapping.customer_id]).alias("customer_id"),
-                       F.col(mapping.segment).cast("string").alias("segment"))
-            .where(F.col("segment").isNotNull() & (F.col("segment") != "")).groupBy("customer_id", "segment").count())
-    best = Window.partitionBy("customer_id").orderBy(F.desc("count"), "segment")
-    user_segment = (rows.withColumn("_rank", F.row_number().over(best)).where("_rank = 1")
-                    .join(maps.customers, "customer_id").select("user", "segment"))
-    buyers = (indexed.select("user", "item").join(user_segment, "user").groupBy("segment", "item")
-              .agg(F.count("*").cast("double").alias("buyers")))
-    order = Window.partitionBy("segment").orderBy(F.desc("buyers"), "item")
-    top = (buyers.withColumn("_rank", F.row_number().over(order)).where(F.col("_rank") <= top_n)
-           .orderBy("segment", "_rank").toPandas())
-    table = {str(name): {"items": group["item"].astype(int).tolist(), "buyers": group["buyers"].tolist()}
-             for name, group in top.groupby("segment", sort=True)}
-    log.info("segment popularity (%s): %d segments", mapping.segment, len(table))
-    return {"segment_column": mapping.segment, "segment_popularity": table}
-
-
-def _buy_again_all(artifact, pairs: PairArrays, k: int, rules=None) -> tuple[np.ndarray, np.ndarray]:
-    from models.scorers import buy_again
-
-    return buy_again(artifact, pairs.indptr, pairs.indices, pairs.counts, k, rules=rules)
-
-
-def _write_recommendations(output_dir: Path, customer_ids: np.ndarray, product_ids: np.ndarray,
-                           item_idx: np.ndarray, scores: np.ndarray, again_idx: np.ndarray | None = None,
-                           again_scores: np.ndarray | None = None) -> int:
-    """recommendations.csv (one row per customer, like the original) and recommendations.parquet
-    (which also holds the buy-again list: products the customer bought before)."""
-    import pandas as pd
-
-    lists = [[product_ids[i] for i in row if i >= 0] for row in item_idx]
-    score_lists = [[round(float(s), 6) for s, i in zip(srow, row) if i >= 0] for srow, row in zip(scores, item_idx)]
-    frame = pd.DataFrame({"customer_id": customer_ids, "recommendations": lists, "scores": score_lists})
-    extended = frame
-    if again_idx is not None:
-        extended = frame.assign(buy_again=[[product_ids[i] for i in row if i >= 0] for row in again_idx],
-                                buy_again_scores=[[round(float(s), 6) for s, i in zip(srow, row) if i >= 0]
-                                                  for srow, row in zip(again_scores, again_idx)])
-    extended.to_parquet(output_dir / "recommendations.parquet", index=False)
-    csv = frame.assign(recommendations=[" ".join(x) for x in lists],
-                       scores=[" ".join(f"{s:.6f}" for s in x) for x in score_lists])
-    csv.to_csv(output_dir / "recommendations.csv", index=False)
-    return len(frame)
-
-
-def _log_example(customer_ids, product_ids, item_idx, scores) -> None:
-    if len(customer_ids) == 0:
-        return
-    row = 0
-    ranked = ", ".join(f"{product_ids[i]} ({s:.3f})" for i, s in zip(item_idx[row], scores[row]) if i >= 0)
-    log.info("example: customer %s top-%d: %s", customer_ids[row], item_idx.shape[1], ranked)
-
-
-def _artifact(params: AlsParams, factors: Factors, customer_ids, product_ids, buyers, pairs: PairArrays,
-              cutoff, stats: dict, metrics: dict, selected: Candidate | None = None, recency: dict | None = None):
-    """The model to publish. Every type keeps the ALS factors, so a scorer that only knows ALS can
-    still load it (and the blend needs them)."""
-    from models.artifact import ModelArtifact, new_version
-    from models.scorers import item_neighbours_of
-
-    selected = selected or Candidate("als")
-    cutoff_iso = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z" if cutoff is not None else None
-    artifact = ModelArtifact(
-        version=new_version(), model_type=selected.model_type, item_ids=product_ids,
-        item_factors=factors.item_factors,
-        user_ids=customer_ids, user_factors=factors.user_factors, popularity=buyers.astype(np.float64),
-        user_items_indptr=pairs.indptr, user_items_indices=pairs.indices, user_items_counts=pairs.counts,
-        params={**params.as_dict(), **selected.params(), **(recency or {})}, cutoff_time=cutoff_iso,
-        stats=_jsonable(stats),
-        metrics=_jsonable(metrics))
-    if artifact.model_type == "item_knn" and artifact.n_users:
-        artifact.item_neighbours = item_neighbours_of(artifact)   # stored: the stream never rebuilds it
-    artifact.validate()
-    return artifact
-
-
-def _why_no_rows(report, data_cfg: dict) -> str:
-    """What to fix when no row survived cleaning: the commonest drop reason, with the setting."""
-    from batch_training.data import UNPARSEABLE_TIME
-
-    if not report.dropped_by_reason:
-        return "check data.columns and the file"
-    reason, count = max(report.dropped_by_reason.items(), key=lambda item: item[1])
-    if reason == UNPARSEABLE_TIME:
-        column = (data_cfg.get("columns") or {}).get("event_time")
-        fmt = (data_cfg.get("columns") or {}).get("time_format")
-        return (f"the time in column {column!r} did not parse in {count:,} of {report.raw_rows:,} rows "
-                f"(data.columns.time_format is {fmt!r}): set data.columns.time_format to a Spark datetime "
-                "pattern such as 'dd/MM/yyyy HH:mm', or to epoch_seconds / epoch_millis for numbers")
-    return f"{count:,} of {report.raw_rows:,} rows were dropped as {reason}: check data.columns and the file"
-
-
-def build_lineage(cfg: Config, stats: dict, params: dict) -> dict:
-    """Where a model comes from, for its metadata: the data source and its row counts, the hash of
-    the effective config (secrets redacted), the training parameters, the code version, the time,
-    and the version that was current when it was trained (``parent_version``)."""
-    import hashlib
-    import subprocess
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
-    from batch_training.datasets import resolve_path
-    from models.artifact import utc_now_iso
-    from models.config import REPO_ROOT, redacted
-    from models.store import ModelStore, ModelStoreError
-
-    data_cfg = cfg.get_path("data")
-    try:
-        path = resolve_path(str(data_cfg["path"]), source_placeholders(cfg)) if data_cfg.get("path") else None
-    except (DataSourceError, ValueError, KeyError):
-        path = str(data_cfg.get("path"))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        installed = package_version("reco")
-    except PackageNotFoundError:
-        installed = None
-    try:
-        parent = ModelStore.from_config(cfg).current_version()
-    except ModelStoreError as err:
-        log.warning("lineage: the current model version cannot be read (%s)", err)
-        parent = None
-    config_json = json.dumps(_jsonable(redacted(dict(cfg))), sort_keys=True, default=str)
-    return {"source": {"kind": data_cfg.get("kind") or "files", "path": path, "format": data_cfg.get("format"),
-                       **_source_files(path),
-                       "raw_rows": _jsonable(stats.get("raw_rows")), "clean_rows": _jsonable(stats.get("clean_rows"))},
-            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-            "params": _jsonable(params),
-            "code": {"git_commit": commit, "package_version": installed},
-            "trained_at": utc_now_iso(), "parent_version": parent}
-
-
-def _source_files(path: str | None) -> dict:
-    """Size and newest modification time of a local source (a file, or every file of a folder), so
-    lineage tells whether the data changed since; {} for URIs (s3a://...) and missing paths."""
-    if not path or "://" in str(path) or not Path(path).exists():
-        return {}
-    root = Path(path)
-    files = [root] if root.is_file() else \
-        [f for f in root.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))]
-    if not files:
-        return {}
-    stats = [f.stat() for f in files]
-    newest = datetime.fromtimestamp(max(st.st_mtime for st in stats), UTC)
-    return {"files": len(files), "bytes": sum(st.st_size for st in stats),
-            "modified": newest.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
-
-
-def _publish(cfg: Config, artifact, metrics: dict, metric: str, exclude: bool,
-             user_parts: list[dict] | None = None) -> tuple[bool, str]:
-    """The publish gate: beat popularity by a margin and do not fall behind the current model.
-    ``user_parts``: the user side's parts the executors wrote (per_customer.py), or None."""
-    from models.store import ModelStore
-
-    store = ModelStore.from_config(cfg)
-    store.write(artifact, user_parts=user_parts)
-    ok, reason = gate_decision(cfg, metrics, metric, exclude, _current_metrics(store))
-    if not cfg.get_path("batch.publish.enabled", True):
-        # The verdict anyway: whoever promotes this version later wants to know what the gate says.
-        reason = (f"publishing disabled (batch.publish.enabled=false); version {artifact.version} written, not "
-                  f"current; the gate {'would publish' if ok else 'would REFUSE'} it: {reason}")
-        log.info("%s", reason)
-        return False, reason
-    if ok:
-        store.set_current(artifact.version)
-        log.info("published model %s as current: %s", artifact.version, reason)
-    else:
-        log.error("model %s NOT published, the current model stays: %s", artifact.version, reason)
-    return ok, reason
-
-
-def _current_metrics(store) -> dict | None:
-    from models.store import ModelLoadError
-
-    if store.current_version() is None:
-        return None
-    try:
-        return store.load_metadata(store.current_version()).get("metrics")
-    except ModelLoadError as err:
-        log.warning("the current model cannot be read (%s): the gate compares with popularity only", err)
-        return None
-
-
-def gate_decision(cfg: Config, metrics: dict, metric: str, exclude: bool,
-                  current: dict | None) -> tuple[bool, str]:
-    """Decide from the holdout metrics; ``current`` is the current model's recorded metrics."""
-    table_key = "exclude_purchased" if exclude else "include_purchased"
-    lift = float(cfg.get_path("batch.publish.min_lift_over_popularity", 0.1))
-    tolerance = float(cfg.get_path("batch.publish.max_drop_vs_current", 0.1))
-    if metric in LOWER_IS_BETTER:
-        return _gate_rmse(cfg, metrics, metric, current)
-    model = metrics[table_key]["model"][metric]
-    baseline = metrics[table_key]["popularity"][metric]
-    if metrics.get("selection", {}).get("model_type") == "popularity":
-        return _gate_popularity(metrics, metric, table_key, tolerance, current)
-    if not model >= baseline * (1 + lift) or not np.isfinite(model):
-        return False, (f"{metric}@{metrics['k']} {model:.4f} does not beat popularity {baseline:.4f} by the "
-                       f"required {lift:.0%} (batch.publish.min_lift_over_popularity)")
-    reason = f"{metric}@{metrics['k']} {model:.4f} vs popularity {baseline:.4f} ({model / baseline:.1f}x)" \
-        if baseline > 0 else f"{metric}@{metrics['k']} {model:.4f} vs popularity 0"
-    previous = ((current or {}).get(table_key) or {}).get("model", {}).get(metric)
-    if previous is not None and model < previous * (1 - tolerance):
-        return False, (f"{metric}@{metrics['k']} {model:.4f} is more than {tolerance:.0%} below the current "
-                       f"model's {previous:.4f} (batch.publish.max_drop_vs_current)")
-    if previous is not None:
-        reason += f"; current model had {previous:.4f}"
-    return True, reason
-
-
-def _gate_rmse(cfg: Config, metrics: dict, metric: str, current: dict | None) -> tuple[bool, str]:
-    """Explicit mode: no popularity model predicts counts, so the holdout RMSE is compared with the
-    current model's only. Refused when it was not measured or is not a number, or when it is more
-    than ``batch.publish.max_rmse_rise_vs_current`` (relative) above the test RMSE the current
-    model recorded; published when the current model recorded none (an implicit model, or none)."""
-    rise = float(cfg.get_path("batch.publish.max_rmse_rise_vs_current", 0.1))
-    value = (metrics.get("rmse") or {}).get("test")
-    if value is None:
-        return False, f"the gate metric {metric} was not measured (explicit mode only)"
-    if not np.isfinite(value):
-        return False, f"test {metric} {value} is not a number"
-    reason = f"test {metric} {value:.4f} (explicit mode has no popularity comparison)"
-    previous = ((current or {}).get("rmse") or {}).get("test")
-    if previous is None:
-        return True, reason + ("; the current model recorded no RMSE to compare with" if current is not None
-                               else "; no current model")
-    if value > previous * (1 + rise):
-        return False, (f"test {metric} {value:.4f} is more than {rise:.0%} above the current model's "
-                       f"{previous:.4f} (batch.publish.max_rmse_rise_vs_current)")
-    return True, reason + f"; current model had {previous:.4f}"
-
-
-def _gate_popularity(metrics: dict, metric: str, table_key: str, tolerance: float,
-                     current: dict | None) -> tuple[bool, str]:
-    """The popularity model is published when no trained candidate beat it, unless it would fall
-    too far below the current model."""
-    model = metrics[table_key]["model"][metric]
-    reason = (f"popularity model: no trained candidate beats popularity by the required margin "
-              f"(it does not beat popularity); {metric}@{metrics['k']} {model:.4f}")
-    if not np.isfinite(model):
-        return False, reason + " is not a number"
-    previous = ((current or {}).get(table_key) or {}).get("model", {}).get(metric)
-    if previous is not None and model < previous * (1 - tolerance):
-        return False, (f"{reason} is more than {tolerance:.0%} below the current model's {previous:.4f} "
-                       "(batch.publish.max_drop_vs_current)")
-    return True, reason + (f"; current model had {previous:.4f}" if previous is not None else "")
-
-
-def _write_sinks(cfg: Config, artifact, customer_ids, product_ids, item_idx, scores, strategies,
-                 indexed, again: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Every customer's list to the table and/or topic, through the writer the streaming job uses."""
-    from pyspark.sql import functions as F
-
-    from models.records import RecordWriter, build_records
-
-    last = indexed.groupBy("user").agg(F.max("last_time").alias("t")).toPandas()
-    last_ms = np.full(len(customer_ids), None, dtype=object)
-    last_ms[last["user"].to_numpy()] = [None if t is None or t != t else int(t.timestamp() * 1000)
-                                        for t in last["t"]]
-    records = build_records(customer_ids, item_idx, scores, product_ids, artifact.version,
-                            list(strategies), list(last_ms), source="batch")
-    if again is not None:
-        for record, row, row_scores in zip(records, *again):
-            record.extra["buy_again"] = [{"rank": rank, "product_id": str(product_ids[i]), "score": round(float(s), 6)}
-                                         for rank, (i, s) in enumerate(zip(row, row_scores), 1) if i >= 0]
-    from models.clients import ensure_table, ensure_topics
-    from streaming.settings import duration_ms
-
-    to_topic, to_table = bool(cfg.get_path("batch.write_topic")), bool(cfg.get_path("batch.write_table"))
-    # Created as the contract says (a compacted topic, the keyed table): a missing table would
-    # otherwise look like an outage and be retried for the whole tolerance.
-    if to_topic:
-        ensure_topics(cfg)
-    if to_table:
-        ensure_table(cfg)
-    writer = RecordWriter(cfg, to_topic=to_topic, to_table=to_table)
-
-    tolerance_ms = duration_ms(cfg.get_path("batch.sink_outage_tolerance"), "batch.sink_outage_tolerance")
-    try:
-        summary = writer.write(records, outage_tolerance_s=tolerance_ms / 1000, label="batch job sinks",
-                               tolerance_setting="batch.sink_outage_tolerance")
-    finally:
-        writer.close()
-    log.info("sinks: %s", summary)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    return value
+        report = write_report(run_dir, all_pairs.indptr, all_pairs.indices, all_pairs.counts, lists.item_idx,
+                              popularity.buyers)
+        if report is not None:
+            log.info("training report: %s", report)
+    if result.published:
+        publish_files(run_dir, lists.output_dir)

@@ -210,7 +210,7 @@ def _timed(action: Callable[[], Any]) -> tuple[float, Any]:
 
 def worker_blas(data_path: str, java_blas: bool) -> None:
     """One implicit ALS fit at the configured parameters; which BLAS/LAPACK the JVM loaded."""
-    from batch_training.job import als_params_from_config
+    from batch_training.job_settings import als_params_from_config
     from batch_training.train import with_ratings
 
     _stage("session")
@@ -231,7 +231,7 @@ def worker_topk(data_path: str, customers: int) -> None:
     """recommendForAllUsers vs our top-k on the same factors, and the streaming scoring core."""
     import numpy as np
 
-    from batch_training.job import als_params_from_config
+    from batch_training.job_settings import als_params_from_config
     from batch_training.recommend import recommend_for_all
     from batch_training.train import PairArrays, _dense, with_ratings
     from models.scoring import fold_in, gramian, top_k
@@ -285,7 +285,8 @@ def worker_final(data_path: str) -> None:
     from batch_training.data import aggregate, index_ids
     from batch_training.datasets import load_events
     from batch_training.evaluation import evaluation_users, holdout_split, relevant_sets
-    from batch_training.job import _folded_final, _indexed_events, als_params_from_config
+    from batch_training.holdout import folded_final, indexed_events
+    from batch_training.job_settings import als_params_from_config
     from batch_training.metrics import ranking_metrics
     from batch_training.train import PairArrays, fit_als, recommend_users
 
@@ -297,7 +298,7 @@ def worker_final(data_path: str) -> None:
     events = events.cache()
     indexed, maps = index_ids(aggregate(events, str(data.get("count_mode", "rows"))))
     n_users, n_items = maps.n_users, maps.n_items
-    train, test = holdout_split(_indexed_events(events, maps), method="time", test_fraction=0.2, seed=42)
+    train, test = holdout_split(indexed_events(events, maps), method="time", test_fraction=0.2, seed=42)
     train, test = train.cache(), test.cache()
     older, _ = holdout_split(train, method="time", test_fraction=0.2, seed=43)
     older = older.cache()
@@ -322,7 +323,7 @@ def worker_final(data_path: str) -> None:
     _stage("fold_in: ALS on the older part, every customer folded in")
     fit_seconds, older_fit = _timed(lambda: fit_als(older, params, n_users, n_items))
     buyers = np.bincount(train_pairs.indices, minlength=n_items)  # the model's popularity: distinct buyers
-    fold_seconds, folded = _timed(lambda: _folded_final(older_fit, train_pairs, buyers))
+    fold_seconds, folded = _timed(lambda: folded_final(older_fit, train_pairs, buyers))
     out["fold_in"] = {"seconds": fold_seconds, "older_fit_seconds": fit_seconds, **quality(folded)}
     _emit(out)
     spark.stop()
@@ -389,7 +390,7 @@ def worker_core(n_items: int, rank: int, customers: int) -> None:
     generated catalogue's size and baskets of the generated data's mean size (85 products)."""
     import numpy as np
 
-    from batch_training.job import als_params_from_config
+    from batch_training.job_settings import als_params_from_config
     from batch_training.train import PairArrays
     from models.config import load_config
     from models.scoring import fold_in, gramian, top_k
@@ -408,7 +409,7 @@ def worker_original(data_path: str, out_dir: str) -> None:
     """The replaced job: explicit ALS on counts, 5-fold RMSE CV over two regParams, recommendForAllUsers."""
     from pyspark.ml.evaluation import RegressionEvaluator
 
-    from batch_training.job import als_params_from_config
+    from batch_training.job_settings import als_params_from_config
     from batch_training.train import with_ratings
 
     _stage("session")

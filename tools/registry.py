@@ -211,11 +211,12 @@ def cmd_compare(store: ModelStore, args) -> int:
 
 
 def gate_verdict(store: ModelStore, cfg, version: str, metadata: dict) -> tuple[bool, str]:
-    """The batch job's publish gate (``batch_training.job.gate_decision``) on ``version``'s recorded
+    """The batch job's publish gate (``batch_training.publish.gate_decision``) on ``version``'s recorded
     holdout metrics against the current model's, with the config's ``batch.publish`` settings: the
     same verdict the job gave (or, under --no-publish, would have given) when it wrote the version,
     unless the current model or the settings changed since. (ok, reason)."""
-    from batch_training.job import gate_decision, metric_for_gate
+    from batch_training.job_settings import metric_for_gate
+    from batch_training.publish import gate_decision
     from batch_training.train import AlsParams
 
     metrics = metadata.get("metrics") or {}

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from batch_training.generate import write
-from batch_training.job import PublishRefused, gate_decision, run
+from batch_training.job import PublishRefused, run
+from batch_training.publish import gate_decision
 from models.store import ModelStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -51,7 +52,7 @@ def test_the_job_logs_like_the_original_and_publishes_a_usable_model(spark, cfg,
     assert {"precision", "recall", "map", "ndcg", "coverage", "novelty", "diversity"} <= set(excluded["model"])
     assert "include_purchased" in result.metrics
     # When CV moved away from the configured parameters, ALS at those is reported beside the model.
-    from batch_training.job import als_params_from_config
+    from batch_training.job_settings import als_params_from_config
     assert ("plain_als" in excluded) == (result.params != als_params_from_config(job_cfg))
     # Its lineage names the very file it read (size and time) and the rows, the code and the config.
     source = artifact.lineage["source"]

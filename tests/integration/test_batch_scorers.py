@@ -100,7 +100,7 @@ def assert_written_lists_are_the_artifacts(recs: pd.DataFrame, artifact) -> None
 def test_segment_popularity_comes_from_the_segment_column(spark, cfg, tmp_path):
     from batch_training.data import aggregate, index_ids
     from batch_training.datasets import load_events
-    from batch_training.job import _segment_popularity
+    from batch_training.outputs import segment_popularity_params
     from batch_training.train import PairArrays
     from models.scorers import segment_popularity
 
@@ -116,7 +116,7 @@ def test_segment_popularity_comes_from_the_segment_column(spark, cfg, tmp_path):
     job_cfg = cfg.with_overrides({"data": data})
     events, _ = load_events(spark, data)
     indexed, maps = index_ids(aggregate(events))
-    params = _segment_popularity(spark, job_cfg, maps, indexed)
+    params = segment_popularity_params(spark, job_cfg, maps, indexed)
     products = maps.products.toPandas().set_index("item")["product_id"]
     named = {seg: [products[i] for i in table["items"]] for seg, table in params["segment_popularity"].items()}
     # c5 is in UK (two UK rows to one FR); buyers per segment, ties by item index.

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batch_training import job
 from batch_training.candidates import Candidate, scoring_artifact
 from batch_training.evaluation import Csr, ItemPopularity, evaluate, holdout_split
 from batch_training.executor_eval import (
@@ -19,6 +18,7 @@ from batch_training.executor_eval import (
     metrics_from_sums,
     partition_sums,
 )
+from batch_training.holdout import Split, candidate_table, evaluate_buy_again
 from batch_training.train import AlsParams, fit_als
 from models.neighbours import KnnParams, item_neighbours
 
@@ -49,7 +49,7 @@ def holdout(spark):
     train, test = train.cache(), test.unionByName(cold).cache()
     n_users = N_USERS + N_COLD
     factors = fit_als(train, AlsParams(rank=6, max_iter=4, blocks=2, seed=3), n_users, N_ITEMS)
-    split = job._Split(train, test, n_users, N_ITEMS)
+    split = Split(train, test, n_users, N_ITEMS)
     base = scoring_artifact(factors.item_factors, np.zeros(1, np.int64), np.zeros(0, np.int32),
                             np.zeros(0, np.float32), split.popularity.buyers.astype(np.float64),
                             factors.params.as_dict())
@@ -110,7 +110,7 @@ def test_sparks_neighbour_table_is_the_one_built_from_the_training_counts(holdou
 @pytest.mark.parametrize("exclude", [True, False])
 def test_candidate_table_matches_the_driver_path(holdout, exclude):
     factors, split, base = holdout
-    expected = job._candidate_table(factors, split, K, exclude, CANDIDATES)
+    expected = candidate_table(factors, split, K, exclude, CANDIDATES)
     got = candidate_table_on_executors(split.train, split.test, base, CANDIDATES, K, exclude, split.popularity,
                                        item_factors=factors.item_factors, partitions=3)
     assert expected["als"]["users"] > 100 and len({m["map"] for m in expected.values()}) == len(CANDIDATES)
@@ -120,7 +120,7 @@ def test_candidate_table_matches_the_driver_path(holdout, exclude):
 @pytest.mark.parametrize("selected", [Candidate("blend", 0.5), Candidate("item_knn")], ids=["blend", "item_knn"])
 def test_buy_again_table_matches_the_driver_path(holdout, selected):
     factors, split, base = holdout
-    expected = job._evaluate_buy_again(factors, split, K, selected)
+    expected = evaluate_buy_again(factors, split, K, selected)
     got = buy_again_table_on_executors(split.train, split.test, base, K, selected, split.popularity, partitions=3)
     assert len(expected) == 3 and expected["buy_again(als)"]["users"] > 20
     assert_same(got, expected)
@@ -149,10 +149,10 @@ def test_a_split_builds_each_neighbour_table_once_for_every_pass_and_fit(holdout
     included, the buy-again table) and every fit scored on the split share one build."""
     factors, split, _ = holdout
     split.neighbour_tables.clear()
-    job._candidate_table(factors, split, K, True, CANDIDATES)
+    candidate_table(factors, split, K, True, CANDIDATES)
     tables = dict(split.neighbour_tables)
-    job._candidate_table(factors, split, K, False, CANDIDATES)
-    job._evaluate_buy_again(factors, split, K, Candidate("item_knn"))
+    candidate_table(factors, split, K, False, CANDIDATES)
+    evaluate_buy_again(factors, split, K, Candidate("item_knn"))
     assert len(tables) == 2                                   # cosine (every neighbour) and bm25 top-5
     assert split.neighbour_tables.keys() == tables.keys()
     assert all(split.neighbour_tables[key] is table for key, table in tables.items())

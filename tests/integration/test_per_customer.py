@@ -12,7 +12,8 @@ from batch_training.data import aggregate, index_ids
 from batch_training.datasets import load_events
 from batch_training.evaluation import item_popularity
 from batch_training.generate import write
-from batch_training.job import _artifact, _buy_again_all, _item_side, _ordered_ids, _recommend_all, run
+from batch_training.job import run
+from batch_training.outputs import build_artifact, buy_again_all, item_side_of, ordered_ids, recommend_all
 from batch_training.per_customer import partitions_for, run_on_executors, seed_item_neighbours, use_executors
 from batch_training.train import AlsParams, PairArrays, fit_als
 from models.neighbours import KnnParams
@@ -40,15 +41,15 @@ def prepared(spark, cfg, tmp_path_factory):
     all_pairs = PairArrays.collect(indexed, maps.n_users)
     return {"indexed": indexed, "maps": maps, "factors": factors, "pairs": all_pairs, "params": params,
             "buyers": item_popularity(indexed, maps.n_items).buyers,
-            "customer_ids": _ordered_ids(maps.customers, "customer_id", "user", maps.n_users),
-            "product_ids": _ordered_ids(maps.products, "product_id", "item", maps.n_items)}
+            "customer_ids": ordered_ids(maps.customers, "customer_id", "user", maps.n_users),
+            "product_ids": ordered_ids(maps.products, "product_id", "item", maps.n_items)}
 
 
 def _driver_lists(p, candidate: Candidate, exclude: bool, factors, rules=None) -> tuple[pd.DataFrame, object]:
-    artifact = _artifact(p["params"], factors, p["customer_ids"], p["product_ids"], p["buyers"], p["pairs"], None,
-                         {}, {}, candidate, {})
-    item_idx, scores, strategies = _recommend_all(artifact, p["pairs"], exclude, K, factors, rules)
-    again_idx, again_scores = _buy_again_all(artifact, p["pairs"], K, rules)
+    artifact = build_artifact(p["params"], factors, p["customer_ids"], p["product_ids"], p["buyers"], p["pairs"],
+                              None, {}, {}, candidate, {})
+    item_idx, scores, strategies = recommend_all(artifact, p["pairs"], exclude, K, factors, rules)
+    again_idx, again_scores = buy_again_all(artifact, p["pairs"], K, rules)
     ids = p["product_ids"]
     frame = pd.DataFrame({
         "customer_id": p["customer_ids"],
@@ -64,8 +65,8 @@ def _driver_lists(p, candidate: Candidate, exclude: bool, factors, rules=None) -
 def _executor_run(spark, cfg, tmp_path, p, candidate: Candidate, exclude: bool, factors, user_factors_df,
                   rules=None):
     job_cfg = cfg.with_overrides({"model_store.uri": str(tmp_path / "models"), "batch.customers_per_partition": 60})
-    item_side = _artifact(p["params"], _item_side(factors), np.zeros(0, dtype=str), p["product_ids"], p["buyers"],
-                          PairArrays.empty(), None, {}, {}, candidate, {})
+    item_side = build_artifact(p["params"], item_side_of(factors), np.zeros(0, dtype=str), p["product_ids"],
+                               p["buyers"], PairArrays.empty(), None, {}, {}, candidate, {})
     if candidate.model_type == "item_knn":
         seed_item_neighbours(item_side, p["indexed"], p["maps"].n_users)
     outputs = run_on_executors(spark, job_cfg, p["indexed"], p["maps"], item_side, user_factors_df, K, exclude,
@@ -114,10 +115,10 @@ def test_the_executors_give_the_driver_paths_lists(spark, cfg, tmp_path, prepare
 
 
 def test_fold_in_on_the_executors_is_the_drivers_fold_in(spark, cfg, tmp_path, prepared):
-    from batch_training.job import _folded_final
+    from batch_training.holdout import folded_final
 
     p = prepared
-    folded = _folded_final(p["factors"], p["pairs"], p["buyers"])
+    folded = folded_final(p["factors"], p["pairs"], p["buyers"])
     driver, _ = _driver_lists(p, Candidate("als"), True, folded)
     executors, outputs, _, _ = _executor_run(spark, cfg, tmp_path, p, Candidate("als"), True, p["factors"], None)
     _assert_same_lists(driver, executors)
@@ -176,14 +177,14 @@ def test_auto_takes_the_executors_from_the_configured_size(cfg):
 
 
 def test_the_holdout_is_evaluated_on_a_fixed_sample_of_a_large_customer_base(spark):
-    from batch_training.job import _evaluation_sample
+    from batch_training.holdout import evaluation_sample
 
     test = spark.createDataFrame([(u, u % 7, 1.0) for u in range(20_000)], "user int, item int, count double")
-    assert _evaluation_sample(test, 20_000, 20_000) is test and _evaluation_sample(test, 20_000, None) is test
-    sampled = _evaluation_sample(test, 20_000, 2_000)
+    assert evaluation_sample(test, 20_000, 20_000) is test and evaluation_sample(test, 20_000, None) is test
+    sampled = evaluation_sample(test, 20_000, 2_000)
     users = {row.user for row in sampled.select("user").collect()}
     assert 1_700 <= len(users) <= 2_300       # about the asked number, by hash
-    assert users == {row.user for row in _evaluation_sample(test, 20_000, 2_000).select("user").collect()}
+    assert users == {row.user for row in evaluation_sample(test, 20_000, 2_000).select("user").collect()}
 
 
 def test_cross_validation_and_holdout_on_the_executors_give_the_driver_paths_tables(spark, cfg, tmp_path):

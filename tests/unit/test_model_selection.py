@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from batch_training.candidates import Candidate, select_model
-from batch_training.job import check_settings, grid_for_catalogue
+from batch_training.job_settings import check_settings, grid_for_catalogue
 from batch_training.train import AlsParams, CandidateResult, Race
 from models.config import ConfigError, load_config
 

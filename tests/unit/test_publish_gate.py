@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from batch_training.job import gate_decision
+from batch_training.publish import gate_decision
 from models.config import load_config
 
 

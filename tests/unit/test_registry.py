@@ -287,7 +287,7 @@ def test_prune_is_a_dry_run_without_yes(store, capsys):
 
 # -- the batch job's lineage ----------------------------------------------------------------------
 def test_lineage_builder(store):
-    from batch_training.job import build_lineage
+    from batch_training.publish import build_lineage
 
     cfg = load_config(files=[], env={}).with_overrides({"model_store.uri": store.uri,
                                                         "data.path": "/data/in.parquet", "data.format": "parquet"})
