@@ -87,7 +87,8 @@ def check_settings(cfg: Config) -> AlsParams:
     base = als_params_from_config(cfg)
     try:
         grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
-        grid += params_grid(base, grid_for_catalogue(cfg, 0))
+        for tier in catalogue_tiers(cfg):
+            grid += params_grid(base, grid_for_catalogue(cfg, tier["max_products"]))
         candidates_from_config(cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -143,19 +144,36 @@ def split_method(cfg: Config, data_cfg: dict) -> str:
 
 
 def grid_for_catalogue(cfg: Config, n_items: int) -> dict:
-    """``batch.grid``, where the catalogue has at most ``batch.small_catalogue.max_products``
-    products with ``batch.small_catalogue.grid``'s values for the keys both name: a few hundred
-    products need few factors, and a rank-128 fit over them only overfits at full cost. A key
-    ``batch.grid`` does not race (``batch.grid: {}``) stays the configured ``batch.als`` value."""
+    """``batch.grid``, with the values of the first ``batch.catalogue_grids`` entry whose
+    ``max_products`` is at least ``n_items`` for the keys both name: a few hundred products need
+    few factors (a rank-128 fit over them only overfits at full cost), a few thousand afford more
+    than a large catalogue can pay for. A key ``batch.grid`` does not race (``batch.grid: {}``)
+    stays the configured ``batch.als`` value."""
     grid = dict(cfg.get_path("batch.grid", {}) or {})
-    small = cfg.get_path("batch.small_catalogue", {}) or {}
-    if small.get("max_products") is None or n_items > int(small["max_products"]):
+    tier = next((t for t in catalogue_tiers(cfg) if n_items <= t["max_products"]), None)
+    if tier is None:
         return grid
-    replaced = {key: values for key, values in (small.get("grid") or {}).items() if key in grid}
+    replaced = {key: values for key, values in tier["grid"].items() if key in grid}
     if replaced and n_items:
-        log.info("%s products <= batch.small_catalogue.max_products (%s): the CV grid takes %s", f"{n_items:,}",
-                 small["max_products"], replaced)
+        log.info("%s products <= %s (batch.catalogue_grids): the CV grid takes %s", f"{n_items:,}",
+                 f"{tier['max_products']:,}", replaced)
     return {**grid, **replaced}
+
+
+def catalogue_tiers(cfg: Config) -> list[dict]:
+    """``batch.catalogue_grids`` checked and sorted by size: ``[{"max_products": int, "grid": dict}]``."""
+    entries = cfg.get_path("batch.catalogue_grids", []) or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"batch.catalogue_grids must be a list of {{max_products, grid}} entries, got {entries!r}")
+    tiers = []
+    for n, entry in enumerate(entries):
+        most = entry.get("max_products") if isinstance(entry, dict) else None
+        grid = entry.get("grid") if isinstance(entry, dict) else None
+        if isinstance(most, bool) or not isinstance(most, int) or most < 1 or not isinstance(grid, dict):
+            raise ConfigError(f"batch.catalogue_grids[{n}] is {entry!r}: give max_products (a whole number "
+                              ">= 1) and grid (a mapping of batch.als keys to lists of values)")
+        tiers.append({"max_products": most, "grid": grid})
+    return sorted(tiers, key=lambda t: t["max_products"])
 
 
 def scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate]:

@@ -78,16 +78,28 @@ def test_a_set_the_race_stopped_is_listed_but_never_chosen():
     assert len(popularity) == 1 and popularity[0]["folds"] == 3     # from a set that ran every fold
 
 
-def test_a_small_catalogue_races_the_small_catalogue_ranks_in_place_of_the_grids():
+def test_the_catalogue_size_picks_the_grid_tier_whose_ranks_the_cv_races():
+    tiers = [{"max_products": 5000, "grid": {"rank": [128, 256]}}, {"max_products": 500, "grid": {"rank": [8, 32]}}]
     cfg = load_config().with_overrides({"batch.grid": {"rank": [64, 128], "alpha": [1.0, 10.0]},
-                                        "batch.small_catalogue": {"max_products": 500, "grid": {"rank": [8, 32]}}})
-    assert grid_for_catalogue(cfg, 501) == {"rank": [64, 128], "alpha": [1.0, 10.0]}
-    assert grid_for_catalogue(cfg, 500) == {"rank": [8, 32], "alpha": [1.0, 10.0]}
-    # A key the grid does not race stays batch.als's value, however small the catalogue.
+                                        "batch.catalogue_grids": tiers})
+    assert grid_for_catalogue(cfg, 5001) == {"rank": [64, 128], "alpha": [1.0, 10.0]}
+    assert grid_for_catalogue(cfg, 5000) == {"rank": [128, 256], "alpha": [1.0, 10.0]}
+    assert grid_for_catalogue(cfg, 501) == {"rank": [128, 256], "alpha": [1.0, 10.0]}
+    assert grid_for_catalogue(cfg, 500) == {"rank": [8, 32], "alpha": [1.0, 10.0]}   # the smallest tier that fits
+    # A key the grid does not race stays batch.als's value, whatever the catalogue.
     fixed = cfg.with_overrides({"batch.grid": {"alpha": [1.0, 10.0]}})
     assert grid_for_catalogue(fixed, 10) == {"alpha": [1.0, 10.0]}
-    off = cfg.with_overrides({"batch.small_catalogue.max_products": None})
+    off = cfg.with_overrides({"batch.catalogue_grids": []})
     assert grid_for_catalogue(off, 10) == {"rank": [64, 128], "alpha": [1.0, 10.0]}
-    # Its values are checked before Spark starts, like the grid's.
+    # Every tier's values are checked before Spark starts, like the grid's, and so is the list.
     with pytest.raises(ConfigError, match="rank"):
-        check_settings(cfg.with_overrides({"batch.small_catalogue.grid": {"rank": [0]}}))
+        check_settings(cfg.with_overrides({"batch.catalogue_grids": [{"max_products": 9, "grid": {"rank": [0]}}]}))
+    with pytest.raises(ConfigError, match=r"batch.catalogue_grids\[0\].*max_products"):
+        check_settings(cfg.with_overrides({"batch.catalogue_grids": [{"max_products": "many", "grid": {}}]}))
+
+
+def test_the_shipped_tiers_give_online_retail_sized_catalogues_rank_256_and_large_ones_the_grid():
+    cfg = load_config()
+    assert grid_for_catalogue(cfg, 167)["rank"] == [4, 8]            # Groceries
+    assert grid_for_catalogue(cfg, 3_665)["rank"] == [128, 256]      # Online Retail
+    assert grid_for_catalogue(cfg, 90_704)["rank"] == cfg.get_path("batch.grid.rank")   # generated, factor 1
