@@ -176,7 +176,7 @@ def catalogue_tiers(cfg: Config) -> list[dict]:
     return sorted(tiers, key=lambda t: t["max_products"])
 
 
-def scorer_candidates(cfg: Config, metric: str, n_items: int) -> list[Candidate]:
+def scorer_candidates(cfg: Config, metric: str) -> list[Candidate]:
     """The scorers cross-validation chooses among (only ALS in explicit mode; without CV, the first)."""
     if metric in LOWER_IS_BETTER:
         return [Candidate("als")]

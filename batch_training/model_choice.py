@@ -35,7 +35,7 @@ def choose_model(settings: JobSettings, spark, train, n_users: int, n_items: int
     """Where the per-customer work runs, then, when there is a choice of ALS parameters or scorers
     and ``batch.cv_folds`` >= 2, the stage "cross-validation" on ``train``; else the configured model."""
     cfg, k, metric, base = settings.cfg, settings.k, settings.metric, settings.base
-    scorers = scorer_candidates(cfg, metric, n_items)
+    scorers = scorer_candidates(cfg, metric)
     on_executors = use_executors(cfg, n_users)
     log.info("per-customer work on the %s (batch.topk_engine=%s, %s customers; batch.executor_min_customers=%s)",
              "executors" if on_executors else "driver", cfg.get_path("batch.topk_engine"), f"{n_users:,}",

@@ -197,7 +197,7 @@ def blend_factors(user_vectors: np.ndarray, item_factors: np.ndarray, popularity
     return blended_users, blended_items
 
 
-# ------------------------------------------------------------------------- buy again / discover
+# ------------------------------------------------------------------------------------ buy again
 
 def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
               k: int, vectors: np.ndarray | None = None,
@@ -225,11 +225,6 @@ def buy_again(artifact, indptr: np.ndarray, indices: np.ndarray, counts: np.ndar
     if banned is not None:
         known[known] = ~banned[indices[known]]
     return scoring.top_k_of_triples(rows[known], indices[known], combined[known], n, k)
-
-
-def discover(artifact, indptr, indices, counts, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Products each customer has not bought: the model's list with purchases excluded."""
-    return recommend_from_counts(artifact, indptr, indices, counts, k, exclude_purchased=True)
 
 
 def pair_scores(artifact, indptr, indices, counts, rows: np.ndarray, items: np.ndarray,
