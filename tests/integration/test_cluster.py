@@ -35,7 +35,7 @@ from models.artifact import new_version
 from models.clients import ensure_table, ensure_topics, kafka_options
 from models.records import read_table_item
 from models.store import ModelStore
-from tests.isolation import isolated_config
+from tests.isolation import isolated_config, process_env
 from tests.small_models import small_als
 from tests.topics import read_topic
 from tests.waiting import wait_for
@@ -100,16 +100,8 @@ def packed(cfg) -> Packed:
 # -- the job -------------------------------------------------------------------------------------
 def job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make the submitted job use this module's config."""
-    keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table",
-            "model_store.uri",
-            "streaming.checkpoint_dir", "streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
-            "streaming.model_poll_interval", "streaming.state_partitions", "streaming.metrics.port",
-            "spark.shuffle_partitions"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
-    env.update({"RECO__" + key.upper().replace(".", "__"): str(cfg.get_path(key)) for key in keys
-                if cfg.get_path(key) is not None})
-    return env
+    return process_env(cfg, ("streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
+                             "streaming.model_poll_interval", "streaming.state_partitions", "streaming.metrics.port"))
 
 
 def submit(cfg, packed: Packed, cluster: SparkStandalone, log_path: Path) -> subprocess.Popen:

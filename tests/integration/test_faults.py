@@ -47,7 +47,7 @@ from models.clients import ensure_table, ensure_topics, kafka_options
 from models.config import REPO_ROOT
 from models.records import read_table_item
 from models.store import ModelStore
-from tests.isolation import isolated_config
+from tests.isolation import isolated_config, process_env
 from tests.topics import newest_records, read_topic
 from tests.waiting import wait_for
 
@@ -324,16 +324,9 @@ def faults_table():
 # -- the job as a separate process -------------------------------------------------------------
 def job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make ``python -m streaming`` use this scenario's config."""
-    keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table",
-            "model_store.uri",
-            "streaming.checkpoint_dir", "streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
-            "streaming.model_poll_interval", "streaming.sink_outage_tolerance", "spark.shuffle_partitions"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
-    env.update({"RECO__" + key.upper().replace(".", "__"): str(cfg.get_path(key)) for key in keys
-                if cfg.get_path(key) is not None})
-    env["RECO__SPARK__DRIVER_MEMORY"] = "1g"
-    return env
+    return process_env(cfg, ("streaming.trigger_interval", "streaming.dead_letter_trigger_interval",
+                             "streaming.model_poll_interval", "streaming.sink_outage_tolerance"),
+                       {"RECO__SPARK__DRIVER_MEMORY": "1g"})
 
 
 def start_job(cfg, log_path: Path) -> subprocess.Popen:

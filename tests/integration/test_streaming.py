@@ -24,7 +24,7 @@ from models.artifact import ModelArtifact, new_version
 from models.clients import ensure_table, ensure_topics, kafka_options
 from models.records import read_table_item
 from models.store import ModelStore
-from tests.isolation import isolated_config
+from tests.isolation import isolated_config, process_env
 from tests.topics import read_topic
 from tests.waiting import wait_for
 
@@ -437,19 +437,10 @@ def _ms(iso: str) -> int:
 # -- crash and restart -------------------------------------------------------------------------
 def _job_env(cfg) -> dict[str, str]:
     """RECO__ overrides that make a separate ``python -m streaming`` use this test's config."""
-    import os
-
-    keys = ["run_dir", "kafka.bootstrap_servers", "kafka.topics.transactions", "kafka.topics.recommendations",
-            "kafka.topics.dead_letter", "kafka.topics.quality", "dynamodb.endpoint_url", "dynamodb.table",
-            "model_store.uri",
-            "model_store.s3_endpoint_url", "streaming.checkpoint_dir", "spark.shuffle_partitions",
-            "streaming.metrics.port"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
-    env.update({"RECO__" + key.upper().replace(".", "__"): str(cfg.get_path(key)) for key in keys
-                if cfg.get_path(key) is not None})
-    env.update({"RECO__STREAMING__TRIGGER_INTERVAL": "1 second", "RECO__STREAMING__MAX_OFFSETS_PER_TRIGGER": "40",
-                "RECO__SPARK__DRIVER_MEMORY": "1g", "RECO__STREAMING__MODEL_POLL_INTERVAL": "5 seconds"})
-    return env
+    return process_env(cfg, ("model_store.s3_endpoint_url", "streaming.metrics.port"),
+                       {"RECO__STREAMING__TRIGGER_INTERVAL": "1 second",
+                        "RECO__STREAMING__MAX_OFFSETS_PER_TRIGGER": "40", "RECO__SPARK__DRIVER_MEMORY": "1g",
+                        "RECO__STREAMING__MODEL_POLL_INTERVAL": "5 seconds"})
 
 
 def _start_job(cfg, log_path):
