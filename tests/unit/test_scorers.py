@@ -11,7 +11,6 @@ from models.neighbours import KnnParams
 from models.scorers import (
     best_scores,
     buy_again,
-    discover,
     item_neighbours_of,
     recommend_from_counts,
     segment_popularity,
@@ -116,7 +115,7 @@ def test_buy_again_holds_only_past_purchases_and_never_overlaps_discover(model_t
     model = _artifact(model_type, 0.5 if model_type == "blend" else None)
     indptr, indices, counts = model.user_items
     again, again_scores = buy_again(model, indptr, indices, counts, 5)
-    new, _, _ = discover(model, indptr, indices, counts, 5)
+    new, _, _ = recommend_from_counts(model, indptr, indices, counts, 5, exclude_purchased=True)   # the discover list
     for user in range(model.n_users):
         bought = set(indices[indptr[user]:indptr[user + 1]])
         listed = [i for i in again[user] if i >= 0]
