@@ -196,7 +196,8 @@ def test_cross_validation_and_holdout_on_the_executors_give_the_driver_paths_tab
         results[engine] = run(cfg.with_overrides({
             "data.path": str(tmp_path / "data" / "transactions.csv"), "batch.topk_engine": engine,
             "batch.output_dir": str(tmp_path / engine / "out"), "model_store.uri": str(tmp_path / engine / "models"),
-            "batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]}, "batch.als.max_iter": 3, "batch.als.blocks": 2,
+            "batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]}, "batch.catalogue_grids": [],
+            "batch.als.max_iter": 3, "batch.als.blocks": 2,
             "batch.scorers.candidates": ["als", "blend", "popularity", "item_knn"],
             "batch.scorers.blend_weights": [0.5], "batch.final_fit": "fold_in",
             "batch.customers_per_partition": 40, "batch.write_table": False, "batch.write_topic": False}),

@@ -168,7 +168,7 @@ def test_each_run_writes_a_report_that_chromium_renders_whole(spark, cfg, tmp_pa
     assert "Cross-validation was off for this run" in page.text["cross-validation"]
 
     tuned = _run_job(spark, cfg, tmp_path / "tuned", sample, caplog,
-                     **{"batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]},
+                     **{"batch.cv_folds": 2, "batch.grid": {"rank": [4, 8]}, "batch.catalogue_grids": [],
                         "batch.scorers.popularity_penalties": [0, 0.5]})
     page = _open(chromium, tuned, tmp_path / "tuned-view")
     _check_page(page, cv_images=1, tradeoff=True)
