@@ -87,8 +87,9 @@ def check_settings(cfg: Config) -> AlsParams:
     base = als_params_from_config(cfg)
     try:
         grid = params_grid(base, cfg.get_path("batch.grid", {}) or {})
+        configured = cfg.get_path("batch.grid", {}) or {}
         for tier in catalogue_tiers(cfg):
-            grid += params_grid(base, grid_for_catalogue(cfg, tier["max_products"]))
+            grid += params_grid(base, {**configured, **_tier_values(configured, tier)})
         candidates_from_config(cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -153,11 +154,16 @@ def grid_for_catalogue(cfg: Config, n_items: int) -> dict:
     tier = next((t for t in catalogue_tiers(cfg) if n_items <= t["max_products"]), None)
     if tier is None:
         return grid
-    replaced = {key: values for key, values in tier["grid"].items() if key in grid}
+    replaced = _tier_values(grid, tier)
     if replaced and n_items:
         log.info("%s products <= %s (batch.catalogue_grids): the CV grid takes %s", f"{n_items:,}",
                  f"{tier['max_products']:,}", replaced)
     return {**grid, **replaced}
+
+
+def _tier_values(grid: dict, tier: dict) -> dict:
+    """The tier's values for the keys ``grid`` races."""
+    return {key: values for key, values in tier["grid"].items() if key in grid}
 
 
 def catalogue_tiers(cfg: Config) -> list[dict]:

@@ -2,6 +2,7 @@
 checkpoints, so tests never see each other's messages, items, models or state."""
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,8 +33,6 @@ def process_env(cfg, extra_keys: tuple[str, ...] = (), fixed: Mapping[str, str] 
     """The environment that makes a job started as its own process (``python -m streaming``,
     spark-submit) use ``cfg``: this process's environment without its RECO__ overrides, then one
     RECO__ override per key of ``PROCESS_KEYS`` and ``extra_keys`` that ``cfg`` sets, then ``fixed``."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO__")}
     env.update({"RECO__" + key.upper().replace(".", "__"): str(cfg.get_path(key))
                 for key in (*PROCESS_KEYS, *extra_keys) if cfg.get_path(key) is not None})
